@@ -1,0 +1,1 @@
+"""tileattn benchmarks: ``python -m bench``."""

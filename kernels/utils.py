@@ -1,0 +1,77 @@
+"""Small shared kernels and launch helpers."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's CPU interpreter is on (``TRITON_INTERPRET=1`` set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_POISON = os.environ.get("TILEATTN_POISON", "0") not in ("", "0")
+
+
+def set_poison(flag: bool) -> None:
+    """Debug switch: when on, every output buffer the launchers allocate is filled with NaN first, so an
+    element the kernel forgot to write fails the comparisons (the tests turn it on)."""
+    global _POISON
+    _POISON = bool(flag)
+
+
+def alloc(*shape, device, dtype) -> torch.Tensor:
+    """Output buffer for a kernel (NaN-poisoned in debug mode, see :func:`set_poison`)."""
+    if _POISON and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def next_pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+def seqlen_bucket(n: int) -> int:
+    """Autotune key for a sequence length: next power of two, capped (no per-length retuning)."""
+    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+@triton.jit
+def _row_dot_kernel(
+    a_ptr, b_ptr, out_ptr,
+    stride_ab, stride_ah, stride_an,
+    stride_bb, stride_bh, stride_bn,
+    H, N, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # out[b, h, n] = sum_d a[b, h, n, d] * b[b, h, n, d], accumulated in fp32
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_md = (o_m[:, None] < N) & (o_d[None, :] < D)
+    p_a = a_ptr + i_b.to(tl.int64) * stride_ab + i_h * stride_ah + o_m[:, None] * stride_an + o_d[None, :]
+    p_b = b_ptr + i_b.to(tl.int64) * stride_bb + i_h * stride_bh + o_m[:, None] * stride_bn + o_d[None, :]
+    b_a = tl.load(p_a, mask=m_md, other=0.0).to(tl.float32)  # [BM, BD]
+    b_b = tl.load(p_b, mask=m_md, other=0.0).to(tl.float32)  # [BM, BD]
+    tl.store(out_ptr + i_bh.to(tl.int64) * N + o_m, tl.sum(b_a * b_b, axis=1), mask=o_m < N)
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product over the last dim of two (B, H, N, D) tensors (unit last stride), in
+    float32: returns a contiguous (B, H, N) tensor. Used for the backward's Delta = rowsum(dO * O)."""
+    B, H, N, D = a.shape
+    out = alloc(B, H, N, device=a.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    BLOCK_D = next_pow2(D)
+    BLOCK_M = max(16, min(128, 8192 // BLOCK_D))
+    grid = (triton.cdiv(N, BLOCK_M), B * H)
+    _row_dot_kernel[grid](
+        a, b, out, a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
+        H, N, D, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+    )
+    return out

@@ -1,0 +1,113 @@
+"""Argument checks and small helpers shared by the public ops."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from tileattn.kernels.utils import interpreter_enabled
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+_warned: set = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit ``message`` as a UserWarning the first time ``key`` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def use_triton(x: torch.Tensor, op: str) -> bool:
+    """Whether the Triton kernels can run on ``x``'s device. CPU tensors run the kernels under the
+    interpreter when it is on; otherwise the op takes its PyTorch path and says so once."""
+    if x.is_cuda or interpreter_enabled():
+        return True
+    warn_once(
+        f"cpu-fallback-{op}",
+        f"tileattn.{op}: CPU tensors without TRITON_INTERPRET=1 run a slow PyTorch reference path "
+        "(set TRITON_INTERPRET=1 before importing tileattn to run the Triton kernels on CPU).",
+    )
+    return False
+
+
+def check_tensor(name: str, x, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have a unit stride in its last dimension (got strides {tuple(x.stride())}); "
+            "call .contiguous() on it"
+        )
+
+
+def check_same(tensors: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    n0, t0 = tensors[0]
+    for n, t in tensors[1:]:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{n} has dtype {t.dtype} but {n0} has {t0.dtype}; they must match")
+        if t.device != t0.device:
+            raise ValueError(f"{n} is on {t.device} but {n0} is on {t0.device}; they must be on one device")
+
+
+def check_scale(scale: Optional[float], d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise TypeError("scale must be a Python float (or a one-element tensor)")
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_window(window, causal: bool) -> Tuple[int, int]:
+    """Normalise ``window`` to ``(left, right)`` ints (-1 = unbounded); causal forces right = 0."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if window is None:
+        left, right = -1, -1
+    else:
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise TypeError(f"window must be a (left, right) tuple of ints or None, got {window!r}")
+        left, right = window
+        if isinstance(left, bool) or isinstance(right, bool) or not all(isinstance(x, int) for x in (left, right)):
+            raise TypeError(f"window must hold ints, got {window!r}")
+        if left < -1 or right < -1:
+            raise ValueError(f"window sizes must be >= 0 or -1 (unbounded), got {window!r}")
+    if causal:
+        right = 0
+    return int(left), int(right)
+
+
+def check_attention_inputs(q, k, v) -> None:
+    """Validate (B, Hq, Nq, D) / (B, Hkv, Nk, D) / (B, Hkv, Nk, Dv) inputs; raise with what was expected."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x, 4)
+    check_same([("q", q), ("k", k), ("v", v)])
+    B, Hq, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
+    if Hq % k.shape[1] != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
+    if k.shape[3] != D:
+        raise ValueError(f"q and k head dims must match, got {D} and {k.shape[3]}")
+    if D > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got D={D}, Dv={v.shape[3]}")

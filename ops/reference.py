@@ -1,0 +1,175 @@
+"""PyTorch reference implementations, written for clarity, not speed.
+
+Tests and benchmarks both import this module. Every function works in any floating dtype (including
+float64) and is differentiable with autograd. They materialise the full score matrix: use them only
+for small problems.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "visible_mask",
+    "attention_ref",
+    "linear_attention_quadratic_ref",
+    "linear_attention_recurrent_ref",
+]
+
+
+def _window_bounds(window: Optional[Tuple[int, int]], causal: bool) -> Tuple[int, int]:
+    left, right = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    if causal:
+        right = 0
+    return left, right
+
+
+def visible_mask(
+    nq: int,
+    nk: int,
+    *,
+    causal: bool = False,
+    window: Optional[Tuple[int, int]] = None,
+    device=None,
+) -> torch.Tensor:
+    """Boolean (nq, nk) matrix, True where query i may see key j.
+
+    Coordinates are bottom-right aligned: query i sits at key position ``i + nk - nq``. Query i sees
+    key j iff ``i + off - left <= j <= i + off + right`` with ``off = nk - nq``; ``-1`` means unbounded.
+    ``causal`` forces ``right = 0`` (equal to SDPA ``is_causal`` when nq == nk).
+    """
+    left, right = _window_bounds(window, causal)
+    i = torch.arange(nq, device=device)[:, None] + (nk - nq)
+    j = torch.arange(nk, device=device)[None, :]
+    ok = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    if right >= 0:
+        ok &= j <= i + right
+    if left >= 0:
+        ok &= j >= i - left
+    return ok
+
+
+def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    hkv = x.shape[1]
+    return x if hkv == hq else x.repeat_interleave(hq // hkv, dim=1)
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: Optional[Tuple[int, int]] = None,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    upcast: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention; returns ``(out, lse)``.
+
+    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv); Hq % Hkv == 0 (query head h uses
+    key/value head ``h // (Hq // Hkv)``, like SDPA ``enable_gqa``). ``mask``: boolean, broadcastable
+    to (B, Hq, Nq, Nk), True = attend; combined (AND) with ``causal`` / ``window``.
+
+    With ``upcast`` everything is computed in float64 (the ground truth). Without it, the matmuls
+    run in the input dtype and the softmax in float32 (what a same-dtype PyTorch program does).
+    out: (B, Hq, Nq, Dv) in the compute dtype, lse: (B, Hq, Nq) float (natural log). A query row with
+    no visible key gives out = 0 and lse = -inf (never NaN).
+    """
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.double(), k.double(), v.double()
+    hq, nq, nk, d = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k, v = _expand_kv(k, hq), _expand_kv(v, hq)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    ok = visible_mask(nq, nk, causal=causal, window=window, device=q.device)
+    if mask is not None:
+        ok = ok & mask.to(device=q.device, dtype=torch.bool)
+    s = s.masked_fill(~ok, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
+    e = torch.exp(s - m)
+    l = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(l > 0, l, torch.ones_like(l))
+    lse = torch.where(l > 0, m + torch.log(torch.where(l > 0, l, torch.ones_like(l))), torch.full_like(l, -math.inf))
+    out = torch.matmul(p.to(v.dtype), v)
+    if not upcast:
+        out = out.to(dtype)
+    return out, lse.squeeze(-1)
+
+
+def _decay_rates(decay: Optional[torch.Tensor], h: int, device, dtype) -> torch.Tensor:
+    if decay is None:
+        return torch.zeros(h, device=device, dtype=dtype)
+    return decay.to(device=device, dtype=dtype).reshape(h)
+
+
+def linear_attention_quadratic_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    upcast: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Causal linear attention with per-head decay, quadratic (masked) form.
+
+    q, k: (B, H, N, D), v: (B, H, N, Dv), decay: (H,) rates s_h >= 0 (lambda_h = exp(-s_h)) or None,
+    initial_state: (B, H, D, Dv) or None. Returns ``(out, final_state)`` with
+    ``out = scale * ((Q K^T) * M) V + scale * lambda^(t+1) q_t S_{-1}``, ``M[t, s] = lambda^(t-s)`` for
+    s <= t else 0, and ``final_state = lambda^N S_{-1} + sum_s lambda^(N-1-s) k_s^T v_s``.
+    Computed in float64 when ``upcast`` (default), else in the input dtype with a float32 state.
+    """
+    b, h, n, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cdt = torch.float64 if upcast else q.dtype
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    rates = _decay_rates(decay, h, q.device, torch.float64)
+    t = torch.arange(n, device=q.device, dtype=torch.float64)
+    diff = t[:, None] - t[None, :]
+    logm = -rates[:, None, None] * diff.clamp(min=0)  # (H, N, N)
+    m = torch.where(diff >= 0, torch.exp(logm), torch.zeros_like(logm)).to(cdt)
+    out = torch.matmul(torch.matmul(q, k.transpose(-1, -2)) * m, v) * scale
+    kdec = k * torch.exp(-rates[:, None] * (n - 1 - t)[None, :]).to(cdt)[None, :, :, None]
+    state = torch.matmul(kdec.transpose(-1, -2), v)
+    if initial_state is not None:
+        s0 = initial_state.to(cdt if upcast else torch.float32)
+        qdec = q * torch.exp(-rates[:, None] * (t + 1)[None, :]).to(cdt)[None, :, :, None]
+        out = out + (torch.matmul(qdec.to(s0.dtype), s0) * scale).to(out.dtype)
+        state = state.to(s0.dtype) + torch.exp(-rates * n).to(s0.dtype)[None, :, None, None] * s0
+    return out, state.to(torch.float64 if upcast else torch.float32)
+
+
+def linear_attention_recurrent_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    upcast: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Same semantics as :func:`linear_attention_quadratic_ref`, computed token by token:
+    ``S_t = lambda S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t``. Returns ``(out, final_state)``."""
+    b, h, n, d = q.shape
+    dv = v.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cdt = torch.float64 if upcast else torch.float32
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    lam = torch.exp(-_decay_rates(decay, h, q.device, torch.float64)).to(cdt)[None, :, None, None]
+    state = torch.zeros(b, h, d, dv, device=q.device, dtype=cdt)
+    if initial_state is not None:
+        state = state + initial_state.to(cdt)
+    outs = []
+    for i in range(n):
+        state = lam * state + k[:, :, i, :, None] * v[:, :, i, None, :]
+        outs.append(torch.einsum("bhd,bhde->bhe", q[:, :, i], state) * scale)
+    out = torch.stack(outs, dim=2) if outs else v.new_zeros(b, h, 0, dv)
+    return out, state

@@ -1,0 +1,76 @@
+"""Shared test helpers: inputs, the tolerance rule, a verbose mismatch report, poisoned buffers."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+# Small absolute floor added to the flash-attention rule (2x the same-dtype PyTorch error).
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+
+
+def randn(*shape, dtype=torch.float16, device=DEVICE, requires_grad=False, layout="bhnd"):
+    """Fresh standard-normal tensor. ``layout='bnhd'`` returns a non-contiguous (B, H, N, D) view of a
+    (B, N, H, D) buffer (what ``x.transpose(1, 2)`` gives users)."""
+    if layout == "bnhd" and len(shape) == 4:
+        b, h, n, d = shape
+        x = torch.randn(b, n, h, d, dtype=torch.float32, device=device).to(dtype).transpose(1, 2)
+    else:
+        x = torch.randn(*shape, dtype=torch.float32, device=device).to(dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius-norm error ||x - ref|| / ||ref|| in float64 (ignores positions where both are
+    -inf, as for LSE of masked rows)."""
+    x, ref = x.double(), ref.double()
+    both_inf = torch.isinf(x) & torch.isinf(ref) & (torch.sign(x) == torch.sign(ref))
+    x = torch.where(both_inf, torch.zeros_like(x), x)
+    ref = torch.where(both_inf, torch.zeros_like(ref), ref)
+    num = torch.linalg.vector_norm(x - ref).item()
+    den = torch.linalg.vector_norm(ref).item()
+    if math.isnan(num):
+        return float("inf")
+    return num / max(den, 1e-30)
+
+
+def mismatch_report(x: torch.Tensor, ref: torch.Tensor, n: int = 8) -> str:
+    """The first ``n`` largest mismatches, with indices (Liger-style verbose allclose)."""
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    diff = (x - ref).abs()
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+    both_inf = torch.isinf(x) & torch.isinf(ref) & (torch.sign(x) == torch.sign(ref))
+    diff = torch.where(both_inf, torch.zeros_like(diff), diff)
+    flat = diff.flatten()
+    k = min(n, flat.numel())
+    vals, idx = flat.topk(k)
+    lines = [f"shape {tuple(x.shape)}, {int((flat > 0).sum())} differing elements; nan: {int(torch.isnan(x).sum())}"]
+    for v, i in zip(vals.tolist(), idx.tolist()):
+        pos = tuple(torch.unravel_index(torch.tensor(i), x.shape))
+        pos = tuple(int(p) for p in pos)
+        lines.append(f"  at {pos}: got {x[pos].item():.6g}, expected {ref[pos].item():.6g} (|diff| {v:.3g})")
+    return "\n".join(lines)
+
+
+def assert_close(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_lp: Optional[torch.Tensor] = None,
+                 dtype: Optional[torch.dtype] = None, factor: float = 2.0, floor: Optional[float] = None) -> None:
+    """flash-attention tolerance rule on relative norm error:
+    ``rel(out, ref64) <= factor * rel(ref_lp, ref64) + floor``, where ``ref_lp`` is the same computation
+    done by PyTorch in the low-precision dtype."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in output\n" + mismatch_report(out, ref64)
+    dtype = dtype or out.dtype
+    floor = FLOOR.get(dtype, 1e-3) if floor is None else floor
+    base = rel_err(ref_lp, ref64) if ref_lp is not None else 0.0
+    err = rel_err(out, ref64)
+    tol = factor * base + floor
+    assert err <= tol, f"{name}: rel err {err:.3g} > tol {tol:.3g} (pytorch {dtype} err {base:.3g})\n" + mismatch_report(out, ref64)
+
+
+def poison_like(x: torch.Tensor) -> torch.Tensor:
+    """A NaN-filled buffer shaped like ``x`` (so unwritten elements fail comparisons)."""
+    return torch.full_like(x, float("nan"))
