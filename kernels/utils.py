@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Dict, Tuple
 
 import torch
 import triton
@@ -75,3 +77,27 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         H, N, D, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
     )
     return out
+
+
+@dataclass
+class KernelSpec:
+    """One shipped kernel configuration, described for ahead-of-time compilation (the resource report
+    and the spill test compile these for sm_80 / sm_90 without a GPU).
+
+    ``signature`` maps every argument name of ``fn`` to a Triton type string (``"*fp16"``, ``"*fp32"``,
+    ``"*i32"``, ``"i32"``, ``"fp32"``) or ``"constexpr"``; ``constexprs`` gives the constexpr values.
+    """
+
+    name: str
+    fn: object
+    signature: Dict[str, str]
+    constexprs: Dict[str, object]
+    num_warps: int
+    num_stages: int
+    archs: Tuple[int, ...] = (80, 90)
+    tags: Dict[str, object] = field(default_factory=dict)
+
+
+def ptr_type(dtype: torch.dtype) -> str:
+    return {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
+            torch.int32: "*i32", torch.uint8: "*u8", torch.int8: "*i8"}[dtype]
