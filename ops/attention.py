@@ -1,12 +1,13 @@
 """Fused softmax attention: public function, argument checks and the autograd Function."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
 from tileattn._utils import check_attention_inputs, check_scale, check_window, use_triton
-from tileattn.reference import attention_ref
+from tileattn.kernels.attention import attention_backward, attention_forward
+from tileattn.reference import _expand_kv, visible_mask
 
 __all__ = ["attention"]
 
@@ -37,33 +38,106 @@ def _check_bias(bias: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor) 
     return bias
 
 
-def _reference_path(q, k, v, causal, window, block_mask, bias, scale):
-    mask = None
-    extra = None
+def _reference_path(q, k, v, window, block_mask, bias, scale):
+    """Differentiable float64 PyTorch path (CPU tensors without the Triton interpreter)."""
+    hq = q.shape[1]
+    qd, kd, vd = q.double(), _expand_kv(k, hq).double(), _expand_kv(v, hq).double()
+    s = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    ok = visible_mask(q.shape[2], k.shape[2], window=window, device=q.device)
     if block_mask is not None:
-        mask = block_mask.to_dense().to(q.device)
+        ok = ok & block_mask.to_dense().to(q.device)
     if bias is not None:
         if bias.dtype == torch.bool:
-            mask = bias if mask is None else (mask & bias)
+            ok = ok & bias
         else:
-            extra = bias
-    if extra is None:
-        out, lse = attention_ref(q, k, v, causal=causal, window=window, mask=mask, scale=scale, upcast=True)
-    else:
-        # float bias: fold into a reference computation in float64
-        from tileattn.reference import _expand_kv, visible_mask
-
-        hq = q.shape[1]
-        qd, kd, vd = q.double(), _expand_kv(k, hq).double(), _expand_kv(v, hq).double()
-        s = torch.matmul(qd, kd.transpose(-1, -2)) * scale + extra.double()
-        ok = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window, device=q.device)
-        if mask is not None:
-            ok = ok & mask
-        s = s.masked_fill(~ok, float("-inf"))
-        lse = torch.logsumexp(s, -1)
-        lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-        out = torch.matmul(torch.exp(s - lse_safe[..., None]), vd)
+            s = s + bias.double()
+    s = s.masked_fill(~ok, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    l = e.sum(-1, keepdim=True)
+    l_safe = torch.where(l > 0, l, torch.ones_like(l))
+    out = torch.matmul(e / l_safe, vd)
+    lse = torch.where(l > 0, m + torch.log(l_safe), torch.full_like(l, float("-inf"))).squeeze(-1)
     return out.to(q.dtype), lse.float()
+
+
+def _prepare_block_mask(block_mask, q, k, left: int, right: int):
+    """Validate a BlockMask against q / k and fold causal / window into it (AND), so that blocks outside
+    the window are skipped, not masked."""
+    from tileattn.block_mask import BlockMask, create_block_mask
+    from tileattn import masks
+
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a tileattn.BlockMask, got {type(block_mask).__name__}")
+    block_mask.check_compatible(q, k)
+    if block_mask.masks.device != q.device:
+        raise ValueError(f"block_mask is on {block_mask.masks.device} but q is on {q.device}; use block_mask.to(device)")
+    if (left, right) != (-1, -1):
+        win = create_block_mask(masks.sliding_window(left, right, q_len=q.shape[2], kv_len=k.shape[2]),
+                                None, None, q.shape[2], k.shape[2], block_size=(block_mask.bs_q, block_mask.bs_k),
+                                device=q.device)
+        block_mask = block_mask & win
+    return block_mask
+
+
+_SPARSE_FIELDS = ("kv_num_full", "kv_idx_full", "kv_num_part", "kv_idx_part", "kv_mask_id_part",
+                  "q_num_full", "q_idx_full", "q_num_part", "q_idx_part", "q_mask_id_part", "masks")
+
+
+def _sparse_tensors(block_mask) -> List[torch.Tensor]:
+    return [getattr(block_mask, f) for f in _SPARSE_FIELDS]
+
+
+@torch.library.custom_op("tileattn::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+    sparse: List[torch.Tensor], scale: float, left: int, right: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, scale=scale, left=left, right=right, bias=bias, sparse=sparse or None)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, bias, sparse, scale, left, right):
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)
+
+
+@torch.library.custom_op("tileattn::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dlse: Optional[torch.Tensor], bias: Optional[torch.Tensor], sparse: List[torch.Tensor],
+    scale: float, left: int, right: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, out, lse, scale=scale, left=left, right=right, bias=bias,
+                              sparse=sparse or None, dlse=dlse)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, dlse, bias, sparse, scale, left, right):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, sparse, scale, left, right = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, *sparse)
+    ctx.n_sparse = len(sparse)
+    ctx.params = (scale, left, right)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, bias, *sparse = ctx.saved_tensors
+    scale, left, right = ctx.params
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, dlse, bias, sparse, scale, left, right)
+    return dq, dk, dv, None, [None] * ctx.n_sparse, None, None, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _attention(
@@ -86,11 +160,14 @@ def _attention(
     scale = check_scale(scale, q.shape[-1])
     bias = _check_bias(bias, q, k)
     if block_mask is not None:
-        raise NotImplementedError("block_mask is not supported yet (block-sparse attention lands with its issue)")
-    win = None if (left, right) == (-1, -1) else (left, right)
-    if use_triton(q, "attention") and False:  # kernels land with the fused-attention issue
-        pass
-    out, lse = _reference_path(q, k, v, False, win, block_mask, bias, scale)
+        block_mask = _prepare_block_mask(block_mask, q, k, left, right)
+        left, right = -1, -1  # folded into the block mask
+    if not use_triton(q, "attention"):
+        win = None if (left, right) == (-1, -1) else (left, right)
+        out, lse = _reference_path(q, k, v, win, block_mask, bias, scale)
+    else:
+        sparse = _sparse_tensors(block_mask) if block_mask is not None else []
+        out, lse = _attention_fwd_op(q, k, v, bias, sparse, scale, left, right)
     return (out, lse) if return_lse else out
 
 

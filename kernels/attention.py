@@ -1,0 +1,567 @@
+"""The softmax-attention tile engine: forward, dQ and dK/dV kernels plus thin launchers.
+
+One engine serves dense, causal, sliding-window, block-sparse and masked (bias) attention. Masking is a
+set of constexpr variants of the same tile body:
+
+- ``WINDOWED``: index masking by the (left, right) window in bottom-right aligned coordinates
+  (causal is ``right = 0``). The launcher visits only key tiles that intersect the window: boundary tiles
+  run the masked body, interior tiles the unmasked body, tiles outside are never visited.
+- ``SPARSE``: the key tiles come from a :class:`tileattn.BlockMask`'s lists (full blocks: unmasked body;
+  partial blocks: the body applies the block's stored element mask). Empty blocks are never visited.
+- ``BIAS``: 0 none, 1 boolean mask tensor (True = attend), 2 float tensor added to the scores; loaded
+  per tile with broadcast strides (the SDPA drop-in path).
+
+Scores are kept in the log2 domain: ``s2 = (q . k) * scale * log2(e)`` and ``exp2`` everywhere; the LSE
+is stored in natural log. Rows that see no key give out = 0, lse = -inf, and zero gradients.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import KernelSpec, alloc, interpreter_enabled, next_pow2, ptr_type, row_dot, seqlen_bucket
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# ----------------------------------------------------------------------------------------------------
+# Configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture and head-dim bucket. Every entry
+# is AOT-compiled for sm_80 / sm_90 by the resource report and the spill test (no spills allowed).
+# ----------------------------------------------------------------------------------------------------
+FWD_CONFIGS = {
+    # max head dim (padded) -> list of configs
+    64: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    256: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+}
+BWD_CONFIGS = {
+    64: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
+    128: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
+    256: [(32, 64, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
+}
+INTERPRET_CONFIG = (32, 32, 4, 1)
+
+
+def _dim_bucket(bd: int) -> int:
+    return 64 if bd <= 64 else (128 if bd <= 128 else 256)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared tile helpers
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _mask_scores(
+    s, i_q, i_k, Nq, Nk, left, right,
+    p_bias, sb_m, sb_n, p_emask, q0, k0,
+    MASK: tl.constexpr, WINDOWED: tl.constexpr, BIAS: tl.constexpr, BSK: tl.constexpr,
+):
+    """Apply every mask variant to a score tile ``s`` (log2 domain). ``i_q`` / ``i_k`` are broadcastable
+    query / key index tiles (either orientation: [BM, 1] x [1, BN] or [1, BM] x [BN, 1]).
+    MASK: 0 interior tile (no index mask), 1 bounds (+ window), 2 bounds + stored element mask whose
+    block starts at (q0, k0)."""
+    m_in = (i_q < Nq) & (i_k < Nk)
+    if BIAS == 2:
+        b_bias = tl.load(p_bias + i_q * sb_m + i_k * sb_n, mask=m_in, other=0.0).to(tl.float32)
+        s = s + b_bias * 1.4426950408889634
+    if MASK > 0:
+        m_ok = m_in
+        if WINDOWED:
+            d = i_k - i_q - (Nk - Nq)  # key offset from the query's aligned diagonal
+            m_ok = m_ok & (d <= right) & (d >= -left)
+        if MASK == 2:
+            b_em = tl.load(p_emask + (i_q - q0) * BSK + (i_k - k0), mask=m_in, other=0)
+            m_ok = m_ok & (b_em != 0)
+        s = tl.where(m_ok, s, float("-inf"))
+    if BIAS == 1:
+        b_bm = tl.load(p_bias + i_q * sb_m + i_k * sb_n, mask=m_in, other=0)
+        s = tl.where(b_bm != 0, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _tile_range(start, BT: tl.constexpr, BS: tl.constexpr, Nt, Ns, off, lo_w, hi_w):
+    """Tiles of size BS along the "other" axis visited by a tile [start, start + BT) of this axis.
+
+    Index visibility is ``lo_w <= other - this - off <= hi_w``. Returns tile starts
+    (lo, full_lo, full_hi, hi): [lo, full_lo) and [full_hi, hi) need masking, [full_lo, full_hi) are
+    fully visible and in bounds. Everything is clamped to be non-negative before dividing."""
+    last = tl.minimum(start + BT, Nt) - 1
+    lo_j = tl.maximum(start + off + lo_w, 0)
+    hi_j = tl.minimum(last + off + hi_w + 1, Ns)
+    hi_j = tl.maximum(hi_j, 0)
+    lo = (lo_j // BS) * BS
+    hi_c = ((hi_j + BS - 1) // BS) * BS
+    a = tl.maximum(start + BT - 1 + off + lo_w, 0)
+    e = tl.maximum(tl.minimum(start + off + hi_w + 1, Ns), 0)
+    full_lo = tl.minimum(tl.maximum(((a + BS - 1) // BS) * BS, lo), hi_c)
+    full_hi = tl.maximum(tl.minimum((e // BS) * BS, hi_c), full_lo)
+    return lo, full_lo, full_hi, hi_j
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    if DOT_F32:  # interpreter: bf16 tl.dot is wrong there (triton#11584)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, b_q, K, V, start_n, o_m, o_d, o_dv,
+    s_kn, s_vn, Nq, Nk, qk_scale, left, right,
+    p_bias, sb_m, sb_n, p_emask, q0, k0,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, WINDOWED: tl.constexpr, BIAS: tl.constexpr, BSK: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    m_n = o_n < Nk
+    b_k = tl.load(K + o_n[:, None] * s_kn + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
+    b_v = tl.load(V + o_n[:, None] * s_vn + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
+    b_s = _dot(b_q, tl.trans(b_k), tl.zeros([o_m.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
+    b_s = b_s * qk_scale  # [BM, BN], log2 domain
+    b_s = _mask_scores(b_s, o_m[:, None], o_n[None, :], Nq, Nk, left, right, p_bias, sb_m, sb_n, p_emask,
+                       q0, k0, MASK, WINDOWED, BIAS, BSK)
+    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    b_p = tl.math.exp2(b_s - m_safe[:, None])  # [BM, BN]
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    acc = _dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], DOT_F32, PREC)  # [BM, BDV]
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, BIAS_PTR,
+    KV_NUM_F, KV_IDX_F, KV_NUM_P, KV_IDX_P, KV_MID_P, EMASK, VISITS,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    sb_b, sb_h, sb_m, sb_n,
+    sn_b, sn_h, si_b, si_h, si_m,
+    H, G, Nq, Nk, qk_scale, left, right,
+    N_BUCKET_Q, N_BUCKET_K,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
+    COUNT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // G
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    i_b64 = i_b.to(tl.int64)
+    Q += i_b64 * s_qb + i_h.to(tl.int64) * s_qh
+    K += i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
+    V += i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
+    p_bias = BIAS_PTR + i_b64 * sb_b + i_h.to(tl.int64) * sb_h
+    b_q = tl.load(Q + o_m[:, None] * s_qn + o_d[None, :], mask=(o_m[:, None] < Nq) & (o_d[None, :] < D), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    n_vis = 0
+    if SPARSE:
+        i_qb = (i_m * BLOCK_M) // BSQ
+        q0 = i_qb * BSQ
+        n_full = tl.load(KV_NUM_F + i_b * sn_b + i_h * sn_h + i_qb)
+        n_part = tl.load(KV_NUM_P + i_b * sn_b + i_h * sn_h + i_qb)
+        p_l = i_b.to(tl.int64) * si_b + i_h.to(tl.int64) * si_h + i_qb * si_m  # this (b, h, q block)'s list
+        for t in range(0, n_full):
+            i_kb = tl.load(KV_IDX_F + p_l + t)
+            for sub in tl.static_range(BSK // BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, b_q, K, V, i_kb * BSK + sub * BLOCK_N, o_m, o_d, o_dv, s_kn, s_vn,
+                    Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, q0, i_kb * BSK,
+                    D, DV, BLOCK_N, 0, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+        for t in range(0, n_part):
+            i_kb = tl.load(KV_IDX_P + p_l + t)
+            i_mid = tl.load(KV_MID_P + p_l + t).to(tl.int64)
+            for sub in tl.static_range(BSK // BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, b_q, K, V, i_kb * BSK + sub * BLOCK_N, o_m, o_d, o_dv, s_kn, s_vn,
+                    Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n, EMASK + i_mid * (BSQ * BSK), q0, i_kb * BSK,
+                    D, DV, BLOCK_N, 2, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+        n_vis = (n_full + n_part) * (BSK // BLOCK_N)
+    else:
+        lo, full_lo, full_hi, hi = _tile_range(i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right)
+        for start_n in range(lo, full_lo, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, b_q, K, V, start_n, o_m, o_d, o_dv, s_kn, s_vn, Nq, Nk, qk_scale, left, right,
+                p_bias, sb_m, sb_n, EMASK, 0, 0, D, DV, BLOCK_N, 1, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+        for start_n in range(full_lo, full_hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, b_q, K, V, start_n, o_m, o_d, o_dv, s_kn, s_vn, Nq, Nk, qk_scale, left, right,
+                p_bias, sb_m, sb_n, EMASK, 0, 0, D, DV, BLOCK_N, 0, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, b_q, K, V, start_n, o_m, o_d, o_dv, s_kn, s_vn, Nq, Nk, qk_scale, left, right,
+                p_bias, sb_m, sb_n, EMASK, 0, 0, D, DV, BLOCK_N, 1, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+        n_vis = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    if COUNT:  # debug: key tiles this program visited
+        tl.store(VISITS + i_bh.to(tl.int64) * tl.num_programs(0) + i_m, n_vis)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    b_o = acc / l_safe[:, None]
+    b_lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    m_row = o_m < Nq
+    tl.store(O + i_b64 * s_ob + i_h.to(tl.int64) * s_oh + o_m[:, None] * s_on + o_dv[None, :],
+             b_o.to(O.dtype.element_ty), mask=m_row[:, None] & (o_dv[None, :] < DV))
+    tl.store(LSE + i_bh.to(tl.int64) * Nq + o_m, b_lse, mask=m_row)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward: dQ (one program per query tile, same key-tile walk as the forward)
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_tile(
+    dq, b_q, b_do, b_lse2, b_delta, K, V, start_n, o_m, o_d, o_dv,
+    s_kn, s_vn, Nq, Nk, qk_scale, left, right,
+    p_bias, sb_m, sb_n, p_emask, q0, k0,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, WINDOWED: tl.constexpr, BIAS: tl.constexpr, BSK: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    m_n = o_n < Nk
+    b_k = tl.load(K + o_n[:, None] * s_kn + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
+    b_v = tl.load(V + o_n[:, None] * s_vn + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
+    b_s = _dot(b_q, tl.trans(b_k), tl.zeros([o_m.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PREC) * qk_scale
+    b_s = _mask_scores(b_s, o_m[:, None], o_n[None, :], Nq, Nk, left, right, p_bias, sb_m, sb_n, p_emask,
+                       q0, k0, MASK, WINDOWED, BIAS, BSK)
+    b_p = tl.math.exp2(b_s - b_lse2[:, None])  # [BM, BN]
+    b_dp = _dot(b_do, tl.trans(b_v), tl.zeros([o_m.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
+    b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
+    return _dot(b_ds.to(b_k.dtype), b_k, dq, DOT_F32, PREC)  # [BM, BD]
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, BIAS_PTR,
+    KV_NUM_F, KV_IDX_F, KV_NUM_P, KV_IDX_P, KV_MID_P, EMASK,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_don, s_dqb, s_dqh, s_dqn,
+    sb_b, sb_h, sb_m, sb_n,
+    sn_b, sn_h, si_b, si_h, si_m,
+    H, G, Nq, Nk, qk_scale, scale, left, right,
+    N_BUCKET_Q, N_BUCKET_K,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // G
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_row = o_m < Nq
+    i_b64 = i_b.to(tl.int64)
+    K += i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
+    V += i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
+    p_bias = BIAS_PTR + i_b64 * sb_b + i_h.to(tl.int64) * sb_h
+    b_q = tl.load(Q + i_b64 * s_qb + i_h.to(tl.int64) * s_qh + o_m[:, None] * s_qn + o_d[None, :],
+                  mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
+    b_do = tl.load(DO + i_b64 * s_dob + i_h.to(tl.int64) * s_doh + o_m[:, None] * s_don + o_dv[None, :],
+                   mask=m_row[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BM, BDV]
+    b_lse = tl.load(LSE + i_bh.to(tl.int64) * Nq + o_m, mask=m_row, other=float("-inf"))
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)  # empty rows: p = 0
+    b_delta = tl.load(DELTA + i_bh.to(tl.int64) * Nq + o_m, mask=m_row, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if SPARSE:
+        i_qb = (i_m * BLOCK_M) // BSQ
+        q0 = i_qb * BSQ
+        n_full = tl.load(KV_NUM_F + i_b * sn_b + i_h * sn_h + i_qb)
+        n_part = tl.load(KV_NUM_P + i_b * sn_b + i_h * sn_h + i_qb)
+        p_l = i_b.to(tl.int64) * si_b + i_h.to(tl.int64) * si_h + i_qb * si_m
+        for t in range(0, n_full):
+            i_kb = tl.load(KV_IDX_F + p_l + t)
+            for sub in tl.static_range(BSK // BLOCK_N):
+                dq = _dq_tile(dq, b_q, b_do, b_lse2, b_delta, K, V, i_kb * BSK + sub * BLOCK_N, o_m, o_d, o_dv,
+                              s_kn, s_vn, Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, q0, i_kb * BSK,
+                              D, DV, BLOCK_N, 0, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+        for t in range(0, n_part):
+            i_kb = tl.load(KV_IDX_P + p_l + t)
+            i_mid = tl.load(KV_MID_P + p_l + t).to(tl.int64)
+            for sub in tl.static_range(BSK // BLOCK_N):
+                dq = _dq_tile(dq, b_q, b_do, b_lse2, b_delta, K, V, i_kb * BSK + sub * BLOCK_N, o_m, o_d, o_dv,
+                              s_kn, s_vn, Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n,
+                              EMASK + i_mid * (BSQ * BSK), q0, i_kb * BSK,
+                              D, DV, BLOCK_N, 2, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+    else:
+        lo, full_lo, full_hi, hi = _tile_range(i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right)
+        for start_n in range(lo, full_lo, BLOCK_N):
+            dq = _dq_tile(dq, b_q, b_do, b_lse2, b_delta, K, V, start_n, o_m, o_d, o_dv, s_kn, s_vn, Nq, Nk,
+                          qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, 0, 0,
+                          D, DV, BLOCK_N, 1, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+        for start_n in range(full_lo, full_hi, BLOCK_N):
+            dq = _dq_tile(dq, b_q, b_do, b_lse2, b_delta, K, V, start_n, o_m, o_d, o_dv, s_kn, s_vn, Nq, Nk,
+                          qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, 0, 0,
+                          D, DV, BLOCK_N, 0, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            dq = _dq_tile(dq, b_q, b_do, b_lse2, b_delta, K, V, start_n, o_m, o_d, o_dv, s_kn, s_vn, Nq, Nk,
+                          qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, 0, 0,
+                          D, DV, BLOCK_N, 1, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+    tl.store(DQ + i_b64 * s_dqb + i_h.to(tl.int64) * s_dqh + o_m[:, None] * s_dqn + o_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=m_row[:, None] & (o_d[None, :] < D))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward: dK / dV (one program per key tile and kv head; walks the query tiles of every query head in
+# its GQA group, so dK / dV are summed over the group without atomics)
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _dkdv_tile(
+    dk, dv, b_k, b_v, Q, DO, LSE, DELTA, start_m, o_n, o_d, o_dv,
+    s_qn, s_don, Nq, Nk, qk_scale, left, right,
+    p_bias, sb_m, sb_n, p_emask, q0, k0,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr, WINDOWED: tl.constexpr, BIAS: tl.constexpr, BSK: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    o_m = start_m + tl.arange(0, BLOCK_M)
+    m_m = o_m < Nq
+    b_q = tl.load(Q + o_m[:, None] * s_qn + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
+    b_do = tl.load(DO + o_m[:, None] * s_don + o_dv[None, :], mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BM, BDV]
+    b_lse = tl.load(LSE + o_m, mask=m_m, other=float("-inf"))
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+    b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
+    b_st = _dot(b_k, tl.trans(b_q), tl.zeros([o_n.shape[0], BLOCK_M], dtype=tl.float32), DOT_F32, PREC) * qk_scale
+    b_st = _mask_scores(b_st, o_m[None, :], o_n[:, None], Nq, Nk, left, right, p_bias, sb_m, sb_n, p_emask,
+                        q0, k0, MASK, WINDOWED, BIAS, BSK)  # [BN, BM]
+    b_pt = tl.math.exp2(b_st - b_lse2[None, :])  # [BN, BM]
+    dv = _dot(b_pt.to(b_do.dtype), b_do, dv, DOT_F32, PREC)  # [BN, BDV]
+    b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([o_n.shape[0], BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
+    b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
+    dk = _dot(b_dst.to(b_q.dtype), b_q, dk, DOT_F32, PREC)  # [BN, BD]
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV_PTR, LSE, DELTA, BIAS_PTR,
+    Q_NUM_F, Q_IDX_F, Q_NUM_P, Q_IDX_P, Q_MID_P, EMASK,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_don,
+    s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
+    sb_b, sb_h, sb_m, sb_n,
+    sn_b, sn_h, si_b, si_h, si_m,
+    H, G, Nq, Nk, qk_scale, scale, left, right,
+    N_BUCKET_Q, N_BUCKET_K,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    i_n, i_bhk = tl.program_id(0), tl.program_id(1)
+    Hkv = H // G
+    i_b, i_hk = i_bhk // Hkv, i_bhk % Hkv
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_n = o_n < Nk
+    i_b64 = i_b.to(tl.int64)
+    b_k = tl.load(K + i_b64 * s_kb + i_hk.to(tl.int64) * s_kh + o_n[:, None] * s_kn + o_d[None, :],
+                  mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
+    b_v = tl.load(V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh + o_n[:, None] * s_vn + o_dv[None, :],
+                  mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(0, G):
+        i_h = i_hk * G + g
+        i_h64 = i_h.to(tl.int64)
+        Qh = Q + i_b64 * s_qb + i_h64 * s_qh
+        DOh = DO + i_b64 * s_dob + i_h64 * s_doh
+        LSEh = LSE + (i_b64 * H + i_h64) * Nq
+        DELTAh = DELTA + (i_b64 * H + i_h64) * Nq
+        p_bias = BIAS_PTR + i_b64 * sb_b + i_h64 * sb_h
+        if SPARSE:
+            i_kb = (i_n * BLOCK_N) // BSK
+            k0 = i_kb * BSK
+            n_full = tl.load(Q_NUM_F + i_b * sn_b + i_h * sn_h + i_kb)
+            n_part = tl.load(Q_NUM_P + i_b * sn_b + i_h * sn_h + i_kb)
+            p_l = i_b64 * si_b + i_h64 * si_h + i_kb * si_m
+            for t in range(0, n_full):
+                i_qb = tl.load(Q_IDX_F + p_l + t)
+                for sub in tl.static_range(BSQ // BLOCK_M):
+                    dk, dv = _dkdv_tile(dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, i_qb * BSQ + sub * BLOCK_M,
+                                        o_n, o_d, o_dv, s_qn, s_don, Nq, Nk, qk_scale, left, right,
+                                        p_bias, sb_m, sb_n, EMASK, i_qb * BSQ, k0,
+                                        D, DV, BLOCK_M, 0, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+            for t in range(0, n_part):
+                i_qb = tl.load(Q_IDX_P + p_l + t)
+                i_mid = tl.load(Q_MID_P + p_l + t).to(tl.int64)
+                for sub in tl.static_range(BSQ // BLOCK_M):
+                    dk, dv = _dkdv_tile(dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, i_qb * BSQ + sub * BLOCK_M,
+                                        o_n, o_d, o_dv, s_qn, s_don, Nq, Nk, qk_scale, left, right,
+                                        p_bias, sb_m, sb_n, EMASK + i_mid * (BSQ * BSK), i_qb * BSQ, k0,
+                                        D, DV, BLOCK_M, 2, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+        else:
+            # query i sees key j iff -right <= i - j + (Nk - Nq) <= left
+            lo, full_lo, full_hi, hi = _tile_range(i_n * BLOCK_N, BLOCK_N, BLOCK_M, Nk, Nq, Nq - Nk, -right, left)
+            for start_m in range(lo, full_lo, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, start_m, o_n, o_d, o_dv, s_qn, s_don,
+                                    Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, 0, 0,
+                                    D, DV, BLOCK_M, 1, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+            for start_m in range(full_lo, full_hi, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, start_m, o_n, o_d, o_dv, s_qn, s_don,
+                                    Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, 0, 0,
+                                    D, DV, BLOCK_M, 0, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+            for start_m in range(full_hi, hi, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, start_m, o_n, o_d, o_dv, s_qn, s_don,
+                                    Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, 0, 0,
+                                    D, DV, BLOCK_M, 1, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+    tl.store(DK + i_b64 * s_dkb + i_hk.to(tl.int64) * s_dkh + o_n[:, None] * s_dkn + o_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
+    tl.store(DV_PTR + i_b64 * s_dvb + i_hk.to(tl.int64) * s_dvh + o_n[:, None] * s_dvn + o_dv[None, :],
+             dv.to(DV_PTR.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < DV))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+_TUNED = {}
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep configs whose tiles fit inside the block-sparse block sizes (BSQ / BSK); shrink otherwise."""
+    args = {**named_args, **kwargs}
+    bsq, bsk = args.get("BSQ", 1 << 30), args.get("BSK", 1 << 30)
+    if not args.get("SPARSE", False):
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bsq and c.kwargs["BLOCK_N"] <= bsk]
+    if kept:
+        return kept
+    c = configs[-1]
+    return [triton.Config({"BLOCK_M": min(c.kwargs["BLOCK_M"], bsq), "BLOCK_N": min(c.kwargs["BLOCK_N"], bsk)},
+                          num_warps=c.num_warps, num_stages=c.num_stages)]
+
+
+_KEY = ["N_BUCKET_Q", "N_BUCKET_K", "D", "DV", "WINDOWED", "SPARSE", "BIAS", "BSQ", "BSK", "PREC"]
+
+
+def _tuned(kernel, table, bucket: int):
+    name = (kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, bucket)
+    if name not in _TUNED:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for bm, bn, w, s in table[bucket]]
+        _TUNED[name] = triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+    return _TUNED[name]
+
+
+def _launch(kernel, table, grid_fn, args, meta, bd: int):
+    """Run ``kernel`` autotuned on GPU, or with the fixed interpreter config on CPU."""
+    if interpreter_enabled():
+        bm, bn, w, s = INTERPRET_CONFIG
+        bm, bn = min(bm, meta["BSQ"]), min(bn, meta["BSK"])
+        kernel[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        _tuned(kernel, table, _dim_bucket(bd))[grid_fn](*args, **meta)
+
+
+def _dot_options(dtype: torch.dtype):
+    dot_f32 = interpreter_enabled() and dtype == torch.bfloat16
+    prec = "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    return dot_f32, prec
+
+
+def _bias_args(bias: Optional[torch.Tensor], q: torch.Tensor):
+    if bias is None:
+        return q, (0, 0, 0, 0), 0
+    if bias.dtype == torch.bool:
+        bias = bias.view(torch.uint8) if bias.is_contiguous() else bias.to(torch.uint8)
+        return bias, tuple(bias.stride()), 1
+    return bias, tuple(bias.stride()), 2
+
+
+def _sparse_args(sparse: Optional[Sequence[torch.Tensor]], B: int, H: int, transposed: bool, dummy: torch.Tensor):
+    """List pointers and broadcast strides for the kernel. ``sparse`` holds the BlockMask tensors
+    (kv_num_f, kv_idx_f, kv_num_p, kv_idx_p, kv_mid_p, q_num_f, q_idx_f, q_num_p, q_idx_p, q_mid_p, masks)."""
+    if sparse is None:
+        return [dummy] * 6, (0, 0, 0, 0, 0), 1 << 30, 1 << 30
+    lists = sparse[5:10] if transposed else sparse[0:5]
+    masks = sparse[10]
+    num = lists[0].expand(B, H, lists[0].shape[-1])
+    idx = lists[1].expand(B, H, *lists[1].shape[-2:])
+    strides = (num.stride(0), num.stride(1), idx.stride(0), idx.stride(1), idx.stride(2))
+    return list(lists) + [masks], strides, masks.shape[1], masks.shape[2]
+
+
+def _window_args(left: int, right: int, nq: int, nk: int):
+    big = nq + nk + 1
+    windowed = (left, right) != (-1, -1)
+    return (big if left < 0 else left), (big if right < 0 else right), windowed
+
+
+def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
+                      bias: Optional[torch.Tensor] = None, sparse: Optional[Sequence[torch.Tensor]] = None,
+                      count_visits: bool = False):
+    """Launch the forward. q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), any strides with a
+    unit last dim. Returns out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32 and, with
+    ``count_visits``, the (B*Hq, n_query_tiles) int32 count of key tiles each program visited."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    out = alloc(B, Hq, Nq, Dv, device=q.device, dtype=q.dtype)
+    lse = alloc(B, Hq, Nq, device=q.device, dtype=torch.float32)
+    bias_t, sb, bias_mode = _bias_args(bias, q)
+    sp, sl, bsq, bsk = _sparse_args(sparse, B, Hq, False, q)
+    left_, right_, windowed = _window_args(left, right, Nq, Nk)
+    dot_f32, prec = _dot_options(q.dtype)
+    BD, BDV = next_pow2(D), next_pow2(Dv)
+    if count_visits:
+        bm = min(INTERPRET_CONFIG[0], bsq) if interpreter_enabled() else None
+        if bm is None:
+            raise ValueError("count_visits is a debug option of the interpreter build")
+        visits = torch.zeros(B * Hq, triton.cdiv(Nq, bm), dtype=torch.int32, device=q.device)
+    else:
+        visits = lse
+    args = (q, k, v, out, lse, bias_t, *sp[:5], sp[5], visits,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            *sb, *sl, Hq, Hq // Hkv, Nq, Nk, scale * LOG2E, left_, right_, seqlen_bucket(Nq), seqlen_bucket(Nk))
+    meta = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, WINDOWED=windowed, SPARSE=sparse is not None,
+                BIAS=bias_mode, BSQ=bsq, BSK=bsk, COUNT=count_visits, DOT_F32=dot_f32, PREC=prec)
+    _launch(_attn_fwd, FWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq), args, meta, max(BD, BDV))
+    return (out, lse, visits) if count_visits else (out, lse)
+
+
+def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, right: int = -1,
+                       bias: Optional[torch.Tensor] = None, sparse: Optional[Sequence[torch.Tensor]] = None,
+                       dlse: Optional[torch.Tensor] = None):
+    """Launch the backward: Delta = rowsum(dO * O) (minus dLSE), then dQ and dK/dV kernels (no atomics,
+    deterministic). Returns dq, dk, dv shaped and typed like q, k, v."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    delta = row_dot(out, do)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    dq = alloc(B, Hq, Nq, D, device=q.device, dtype=q.dtype)
+    dk = alloc(B, Hkv, Nk, D, device=q.device, dtype=k.dtype)
+    dv = alloc(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
+    bias_t, sb, bias_mode = _bias_args(bias, q)
+    left_, right_, windowed = _window_args(left, right, Nq, Nk)
+    dot_f32, prec = _dot_options(q.dtype)
+    BD, BDV = next_pow2(D), next_pow2(Dv)
+    common = (Hq, Hq // Hkv, Nq, Nk, scale * LOG2E, scale, left_, right_, seqlen_bucket(Nq), seqlen_bucket(Nk))
+    sp, sl, bsq, bsk = _sparse_args(sparse, B, Hq, False, q)
+    meta = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, WINDOWED=windowed, SPARSE=sparse is not None,
+                BIAS=bias_mode, BSQ=bsq, BSK=bsk, DOT_F32=dot_f32, PREC=prec)
+    args = (q, k, v, do, dq, lse, delta, bias_t, *sp,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), *sb, *sl, *common)
+    _launch(_attn_bwd_dq, BWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq), args, meta, max(BD, BDV))
+    sp, sl, _, _ = _sparse_args(sparse, B, Hq, True, q)
+    args = (q, k, v, do, dk, dv, lse, delta, bias_t, *sp,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *sb, *sl, *common)
+    _launch(_attn_bwd_dkdv, BWD_CONFIGS, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * Hkv), args, meta, max(BD, BDV))
+    return dq, dk, dv

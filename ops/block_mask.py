@@ -1,0 +1,655 @@
+"""Block-sparse attention masks: :class:`BlockMask`, :func:`create_block_mask`, ``BlockMask.from_layout``.
+
+A :class:`BlockMask` describes a boolean attention mask of shape ``(B, H, q_len, kv_len)`` (True =
+attend) at the granularity of ``(bs_q, bs_k)`` tiles. Every tile is classified as
+
+- *empty*: no visible element; the kernels never visit it;
+- *full*: every element visible and the tile lies entirely inside ``q_len x kv_len``; visited without an
+  element mask;
+- *partial*: everything else that is visible (including every visible tile that crosses the ragged end
+  of ``q_len`` / ``kv_len``); visited with its element mask ``masks[mask_id]``.
+
+Data contract (what the Triton kernels read; every index tensor is int32, contiguous, on the mask's
+device; ``nQB = ceil(q_len / bs_q)``, ``nKB = ceil(kv_len / bs_k)``; ``B`` / ``H`` are 1 when the mask
+broadcasts over them):
+
+- forward lists per (b, h, query block): ``kv_num_full (B, H, nQB)``, ``kv_idx_full (B, H, nQB, nKB)``
+  (the first ``kv_num_full`` entries are valid, ascending, the rest 0), ``kv_num_part``, ``kv_idx_part``
+  and ``kv_mask_id_part (B, H, nQB, nKB)`` (index into ``masks``);
+- transposed lists per (b, h, key block) for the backward: ``q_num_full (B, H, nKB)``,
+  ``q_idx_full (B, H, nKB, nQB)``, ``q_num_part``, ``q_idx_part``, ``q_mask_id_part``;
+- ``masks``: uint8 ``(M, bs_q, bs_k)``, contiguous, the deduplicated element masks of the partial blocks
+  (1 = attend, 0 beyond q_len / kv_len); ``M >= 1`` (one all-zero mask when there is no partial block).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["BlockMask", "create_block_mask"]
+
+# Cap on the number of mask elements evaluated at once by create_block_mask (16M bools = 16 MiB).
+_CHUNK_ELEMS = 1 << 24
+
+_EMPTY, _PARTIAL, _FULL = 0, 1, 2
+
+BlockSize = Union[int, Tuple[int, int]]
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------------
+def _check_block_size(block_size) -> Tuple[int, int]:
+    """Normalise ``block_size`` (int or ``(bs_q, bs_k)``) to two powers of two in [16, 256]."""
+    if isinstance(block_size, (tuple, list)):
+        if len(block_size) != 2:
+            raise TypeError(f"block_size must be an int or a (bs_q, bs_k) pair, got {block_size!r}")
+        sizes = tuple(block_size)
+    else:
+        sizes = (block_size, block_size)
+    for s in sizes:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f"block_size must be an int or a (bs_q, bs_k) pair of ints, got {block_size!r}")
+        if s < 16 or s > 256 or (s & (s - 1)) != 0:
+            raise ValueError(f"block sizes must be powers of two in [16, 256], got {block_size!r}")
+    return int(sizes[0]), int(sizes[1])
+
+
+def _check_len(name: str, n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return int(n)
+
+
+def _check_bh(name: str, n) -> int:
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name} must be a positive int or None (broadcast), got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1 or None (broadcast), got {n}")
+    return int(n)
+
+
+def _default_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# deduplication of element masks
+# --------------------------------------------------------------------------------------------------
+_HASH_P = 2147483647  # 2^31 - 1
+
+
+class _MaskTable:
+    """Deduplicating store of (bs_q * bs_k)-bit element masks, kept bit-packed (bytes).
+
+    ``add(bits)`` returns the id of each row, identical rows sharing one id and ids of earlier calls
+    staying stable. Rows are matched by a two-part modular fingerprint (byte values < 2^8 times weights
+    < 2^31 summed over <= 8192 bytes stay below 2^53, so there is no overflow), and every match is then
+    verified byte for byte; should two different masks ever share a fingerprint, the table switches to
+    exact (lexicographic ``torch.unique``) matching.
+    """
+
+    def __init__(self, nbits: int, device: torch.device):
+        self.nbytes = nbits // 8
+        self.device = device
+        g = torch.Generator().manual_seed(0x5EED)
+        self.weights = torch.randint(1, _HASH_P, (2, self.nbytes), generator=g, dtype=torch.int64).to(device)
+        self.packed = torch.empty(0, self.nbytes, dtype=torch.uint8, device=device)  # (M, nbytes)
+        self.keys = torch.empty(0, dtype=torch.int64, device=device)  # sorted fingerprints
+        self.key_ids = torch.empty(0, dtype=torch.int64, device=device)  # id of each sorted key
+        self.exact = False
+
+    def __len__(self) -> int:
+        return self.packed.shape[0]
+
+    @staticmethod
+    def pack(bits: torch.Tensor) -> torch.Tensor:
+        """(P, nbits) bool -> (P, nbits // 8) uint8, bit j of byte i is element 8 i + j."""
+        p = bits.shape[0]
+        shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+        return (bits.reshape(p, -1, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
+
+    @staticmethod
+    def unpack(packed: torch.Tensor) -> torch.Tensor:
+        """(M, nbytes) uint8 -> (M, nbytes * 8) uint8 of 0/1."""
+        shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+        return ((packed[:, :, None] >> shifts) & 1).reshape(packed.shape[0], -1)
+
+    def _fingerprint(self, packed: torch.Tensor) -> torch.Tensor:
+        x = packed.to(torch.int64)
+        h1 = (x * self.weights[0]).sum(-1) % _HASH_P
+        h2 = (x * self.weights[1]).sum(-1) % _HASH_P
+        return h1 * _HASH_P + h2
+
+    def add(self, bits: torch.Tensor) -> torch.Tensor:
+        """bits: (P, nbits) bool. Returns (P,) int64 ids."""
+        if bits.shape[0] == 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        packed = self.pack(bits)
+        if not self.exact:
+            ids = self._add_hashed(packed)
+            if ids is not None:
+                return ids
+            self.exact = True
+        return self._add_exact(packed)
+
+    def _add_hashed(self, packed: torch.Tensor) -> Optional[torch.Tensor]:
+        p = packed.shape[0]
+        fp = self._fingerprint(packed)
+        ufp, inv = torch.unique(fp, return_inverse=True)
+        rep = torch.full((ufp.shape[0],), p, dtype=torch.int64, device=packed.device)
+        rep = rep.scatter_reduce(0, inv, torch.arange(p, device=packed.device), reduce="amin")
+        upacked = packed[rep]
+        if not torch.equal(packed, upacked[inv]):
+            return None  # fingerprint collision inside this batch
+        m = len(self)
+        if m:
+            pos = torch.searchsorted(self.keys, ufp).clamp_(max=m - 1)
+            found = self.keys[pos] == ufp
+            uid = torch.where(found, self.key_ids[pos], torch.full_like(pos, -1))
+            if not torch.equal(self.packed[uid[found]], upacked[found]):
+                return None  # collision with a stored mask
+        else:
+            found = torch.zeros_like(ufp, dtype=torch.bool)
+            uid = torch.full_like(ufp, -1)
+        new = ~found
+        n_new = int(new.sum())
+        if n_new:
+            uid[new] = torch.arange(m, m + n_new, device=packed.device)
+            self.packed = torch.cat([self.packed, upacked[new]])
+            keys = torch.cat([self.keys, ufp[new]])
+            key_ids = torch.cat([self.key_ids, uid[new]])
+            order = torch.argsort(keys)
+            self.keys, self.key_ids = keys[order], key_ids[order]
+        return uid[inv]
+
+    def _add_exact(self, packed: torch.Tensor) -> torch.Tensor:
+        m = len(self)
+        allp = torch.cat([self.packed, packed])
+        uniq, inv = torch.unique(allp, dim=0, return_inverse=True)
+        # stored rows are distinct, so they map to distinct unique rows: reuse their ids
+        lut = torch.full((uniq.shape[0],), -1, dtype=torch.int64, device=packed.device)
+        lut[inv[:m]] = torch.arange(m, device=packed.device)
+        new_u = torch.nonzero(lut < 0).flatten()  # unique rows not stored yet (all from this batch)
+        lut[new_u] = torch.arange(m, m + new_u.shape[0], device=packed.device)
+        self.packed = torch.cat([self.packed, uniq[new_u]])
+        return lut[inv[m:]]
+
+    def masks(self, bs_q: int, bs_k: int) -> torch.Tensor:
+        """The stored masks as contiguous uint8 (M, bs_q, bs_k); one all-zero mask if empty."""
+        if len(self) == 0:
+            return torch.zeros(1, bs_q, bs_k, dtype=torch.uint8, device=self.device)
+        return self.unpack(self.packed).reshape(-1, bs_q, bs_k).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# list construction
+# --------------------------------------------------------------------------------------------------
+def _compact_lists(sel: torch.Tensor, aux: Optional[torch.Tensor] = None):
+    """Per row of ``sel`` (..., R, C) bool: the count of True entries (..., R) and the ascending column
+    indices of the True entries packed to the front of a (..., R, C) int32 tensor (rest 0); with
+    ``aux`` (..., R, C) also ``aux`` gathered at those columns the same way."""
+    c = sel.shape[-1]
+    num = sel.sum(-1, dtype=torch.int32)
+    pos = torch.where(sel, sel.cumsum(-1) - 1, torch.full_like(sel, c, dtype=torch.int64))
+    shape = tuple(sel.shape[:-1]) + (c + 1,)
+    cols = torch.arange(c, device=sel.device, dtype=torch.int32).expand(sel.shape)
+    idx = torch.zeros(shape, dtype=torch.int32, device=sel.device).scatter_(-1, pos, cols)[..., :c].contiguous()
+    if aux is None:
+        return num.contiguous(), idx
+    vals = torch.zeros(shape, dtype=torch.int32, device=sel.device).scatter_(-1, pos, aux.to(torch.int32))
+    return num.contiguous(), idx, vals[..., :c].contiguous()
+
+
+def _bounds_mask(rows: int, cols: int, bs_q: int, bs_k: int, device) -> torch.Tensor:
+    """(bs_q, bs_k) bool, True inside the first ``rows`` x ``cols`` elements."""
+    r = torch.arange(bs_q, device=device)[:, None] < rows
+    c = torch.arange(bs_k, device=device)[None, :] < cols
+    return r & c
+
+
+class BlockMask:
+    """Block-sparse attention mask (see the module docstring for the data contract).
+
+    Build one with :func:`create_block_mask` (from a predicate) or :meth:`BlockMask.from_layout` (from a
+    boolean block layout); combine with ``&`` / ``|``; pass it as ``tileattn.attention(..., block_mask=bm)``.
+
+    Attributes:
+        B, H: batch and (query) head extents of the mask, 1 where it broadcasts.
+        q_len, kv_len: the sequence lengths the mask was built for.
+        bs_q, bs_k: block (tile) sizes; ``num_q_blocks = ceil(q_len / bs_q)``,
+            ``num_kv_blocks = ceil(kv_len / bs_k)``.
+        kv_num_full, kv_idx_full, kv_num_part, kv_idx_part, kv_mask_id_part: forward lists.
+        q_num_full, q_idx_full, q_num_part, q_idx_part, q_mask_id_part: transposed (backward) lists.
+        masks: uint8 (M, bs_q, bs_k) deduplicated element masks of the partial blocks.
+    """
+
+    _LIST_NAMES = (
+        "kv_num_full", "kv_idx_full", "kv_num_part", "kv_idx_part", "kv_mask_id_part",
+        "q_num_full", "q_idx_full", "q_num_part", "q_idx_part", "q_mask_id_part",
+    )
+
+    def __init__(
+        self,
+        *,
+        q_len: int,
+        kv_len: int,
+        bs_q: int,
+        bs_k: int,
+        masks: torch.Tensor,
+        kv_num_full: torch.Tensor,
+        kv_idx_full: torch.Tensor,
+        kv_num_part: torch.Tensor,
+        kv_idx_part: torch.Tensor,
+        kv_mask_id_part: torch.Tensor,
+        q_num_full: torch.Tensor,
+        q_idx_full: torch.Tensor,
+        q_num_part: torch.Tensor,
+        q_idx_part: torch.Tensor,
+        q_mask_id_part: torch.Tensor,
+    ):
+        """Low-level constructor from already-built lists (checked for shape / dtype / device). Prefer
+        :func:`create_block_mask` or :meth:`from_layout`."""
+        self.q_len, self.kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
+        self.bs_q, self.bs_k = _check_block_size((bs_q, bs_k))
+        self.num_q_blocks = -(-self.q_len // self.bs_q)
+        self.num_kv_blocks = -(-self.kv_len // self.bs_k)
+        self.kv_num_full, self.kv_idx_full = kv_num_full, kv_idx_full
+        self.kv_num_part, self.kv_idx_part, self.kv_mask_id_part = kv_num_part, kv_idx_part, kv_mask_id_part
+        self.q_num_full, self.q_idx_full = q_num_full, q_idx_full
+        self.q_num_part, self.q_idx_part, self.q_mask_id_part = q_num_part, q_idx_part, q_mask_id_part
+        self.masks = masks
+        if kv_num_full.dim() != 3:
+            raise ValueError(f"kv_num_full must be (B, H, num_q_blocks), got shape {tuple(kv_num_full.shape)}")
+        self.B, self.H = int(kv_num_full.shape[0]), int(kv_num_full.shape[1])
+        nq, nk = self.num_q_blocks, self.num_kv_blocks
+        want = {
+            "kv_num_full": (self.B, self.H, nq), "kv_idx_full": (self.B, self.H, nq, nk),
+            "kv_num_part": (self.B, self.H, nq), "kv_idx_part": (self.B, self.H, nq, nk),
+            "kv_mask_id_part": (self.B, self.H, nq, nk),
+            "q_num_full": (self.B, self.H, nk), "q_idx_full": (self.B, self.H, nk, nq),
+            "q_num_part": (self.B, self.H, nk), "q_idx_part": (self.B, self.H, nk, nq),
+            "q_mask_id_part": (self.B, self.H, nk, nq),
+        }
+        dev = kv_num_full.device
+        for name, shape in want.items():
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != shape:
+                got = (t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"BlockMask.{name} must be an int32 tensor of shape {shape}, got {got}")
+            if t.device != dev or not t.is_contiguous():
+                raise ValueError(f"BlockMask.{name} must be contiguous and on {dev}")
+        if (not isinstance(masks, torch.Tensor) or masks.dtype != torch.uint8 or masks.dim() != 3
+                or tuple(masks.shape[1:]) != (self.bs_q, self.bs_k) or masks.shape[0] < 1):
+            raise ValueError(f"BlockMask.masks must be uint8 (M >= 1, {self.bs_q}, {self.bs_k})")
+        if masks.device != dev or not masks.is_contiguous():
+            raise ValueError(f"BlockMask.masks must be contiguous and on {dev}")
+        self._kind_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    # ---------------------------------------------------------------------------------- builders
+    @classmethod
+    def _from_block_state(cls, kind: torch.Tensor, mask_id: torch.Tensor, masks: torch.Tensor,
+                          q_len: int, kv_len: int, bs_q: int, bs_k: int) -> "BlockMask":
+        """kind: (B, H, nQB, nKB) int (0 empty, 1 partial, 2 full); mask_id: same shape, the index into
+        ``masks`` of each partial block (ignored elsewhere)."""
+        full, part = kind == _FULL, kind == _PARTIAL
+        mask_id = torch.where(part, mask_id.to(torch.int32), torch.zeros((), dtype=torch.int32, device=kind.device))
+        kv_num_full, kv_idx_full = _compact_lists(full)
+        kv_num_part, kv_idx_part, kv_mask_id_part = _compact_lists(part, mask_id)
+        full_t, part_t, id_t = full.transpose(-1, -2), part.transpose(-1, -2), mask_id.transpose(-1, -2)
+        q_num_full, q_idx_full = _compact_lists(full_t)
+        q_num_part, q_idx_part, q_mask_id_part = _compact_lists(part_t, id_t)
+        bm = cls(
+            q_len=q_len, kv_len=kv_len, bs_q=bs_q, bs_k=bs_k, masks=masks.contiguous(),
+            kv_num_full=kv_num_full, kv_idx_full=kv_idx_full, kv_num_part=kv_num_part,
+            kv_idx_part=kv_idx_part, kv_mask_id_part=kv_mask_id_part,
+            q_num_full=q_num_full, q_idx_full=q_idx_full, q_num_part=q_num_part,
+            q_idx_part=q_idx_part, q_mask_id_part=q_mask_id_part,
+        )
+        bm._kind_cache = (kind.to(torch.int8).contiguous(), mask_id)
+        return bm
+
+    @classmethod
+    def from_layout(
+        cls,
+        layout: torch.Tensor,
+        *,
+        block_size: BlockSize = 128,
+        q_len: Optional[int] = None,
+        kv_len: Optional[int] = None,
+    ) -> "BlockMask":
+        """Block mask from a boolean block layout (DeepSpeed / xformers / OpenAI block-sparse style).
+
+        Args:
+            layout: bool tensor ``(B|1, H|1, nQB, nKB)`` (a 2-d ``(nQB, nKB)`` or 3-d ``(H, nQB, nKB)``
+                layout gets leading 1s); True = every element of that block attends. Any device.
+            block_size: int or ``(bs_q, bs_k)``, powers of two in [16, 256].
+            q_len, kv_len: sequence lengths; default ``nQB * bs_q`` / ``nKB * bs_k``. Must satisfy
+                ``ceil(q_len / bs_q) == nQB`` and ``ceil(kv_len / bs_k) == nKB``; elements beyond them do
+                not exist (a True block on the ragged edge becomes a partial block).
+
+        Returns:
+            BlockMask on ``layout``'s device.
+        """
+        bs_q, bs_k = _check_block_size(block_size)
+        if not isinstance(layout, torch.Tensor):
+            raise TypeError(f"layout must be a torch.Tensor, got {type(layout).__name__}")
+        if layout.dtype != torch.bool:
+            raise TypeError(f"layout must be a bool tensor, got {layout.dtype}")
+        if layout.dim() < 2 or layout.dim() > 4 or layout.numel() == 0:
+            raise ValueError(f"layout must be (B, H, nQB, nKB) (or 2-/3-d), non-empty; got shape {tuple(layout.shape)}")
+        layout = layout.reshape((1,) * (4 - layout.dim()) + tuple(layout.shape))
+        nqb, nkb = int(layout.shape[2]), int(layout.shape[3])
+        q_len = nqb * bs_q if q_len is None else _check_len("q_len", q_len)
+        kv_len = nkb * bs_k if kv_len is None else _check_len("kv_len", kv_len)
+        if -(-q_len // bs_q) != nqb:
+            raise ValueError(f"layout has {nqb} query blocks but ceil(q_len={q_len} / bs_q={bs_q}) = {-(-q_len // bs_q)}")
+        if -(-kv_len // bs_k) != nkb:
+            raise ValueError(f"layout has {nkb} key blocks but ceil(kv_len={kv_len} / bs_k={bs_k}) = {-(-kv_len // bs_k)}")
+        dev = layout.device
+        rq, rk = q_len - (nqb - 1) * bs_q, kv_len - (nkb - 1) * bs_k  # valid rows/cols of the last blocks
+        edge_q = torch.zeros(nqb, dtype=torch.int64, device=dev)
+        edge_k = torch.zeros(nkb, dtype=torch.int64, device=dev)
+        if rq < bs_q:
+            edge_q[-1] = 1
+        if rk < bs_k:
+            edge_k[-1] = 2
+        code = (edge_q[:, None] + edge_k[None, :]).expand(layout.shape)  # 0 inside, 1/2/3 on the ragged edge
+        kind = torch.where(layout, torch.where(code == 0, _FULL, _PARTIAL), _EMPTY).to(torch.int8)
+        table = _MaskTable(bs_q * bs_k, dev)
+        patterns = torch.stack([
+            _bounds_mask(bs_q, bs_k, bs_q, bs_k, dev), _bounds_mask(rq, bs_k, bs_q, bs_k, dev),
+            _bounds_mask(bs_q, rk, bs_q, bs_k, dev), _bounds_mask(rq, rk, bs_q, bs_k, dev),
+        ]).reshape(4, -1)
+        used = torch.unique(code[kind == _PARTIAL])
+        lut = torch.zeros(4, dtype=torch.int64, device=dev)
+        lut[used] = table.add(patterns[used])
+        mask_id = lut[code]
+        return cls._from_block_state(kind, mask_id, table.masks(bs_q, bs_k), q_len, kv_len, bs_q, bs_k)
+
+    # ---------------------------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.kv_num_full.device
+
+    @property
+    def block_size(self) -> Tuple[int, int]:
+        return (self.bs_q, self.bs_k)
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """(B, H, q_len, kv_len) of the dense mask this describes (B / H = 1 when broadcast)."""
+        return (self.B, self.H, self.q_len, self.kv_len)
+
+    def block_state(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(kind, mask_id)``, both (B, H, nQB, nKB): kind int8 (0 empty, 1 partial, 2 full), mask_id
+        int32 (index into ``masks`` for partial blocks, 0 elsewhere). Rebuilt from the forward lists."""
+        if self._kind_cache is None:
+            shape = (self.B, self.H, self.num_q_blocks, self.num_kv_blocks + 1)
+            dev = self.device
+            nk = self.num_kv_blocks
+            slot = torch.arange(nk, device=dev)
+            kind = torch.zeros(shape, dtype=torch.int8, device=dev)
+            mask_id = torch.zeros(shape, dtype=torch.int32, device=dev)
+            for num, idx, val in ((self.kv_num_full, self.kv_idx_full, _FULL),
+                                  (self.kv_num_part, self.kv_idx_part, _PARTIAL)):
+                valid = slot < num[..., None].long()
+                tgt = torch.where(valid, idx.long(), torch.full_like(idx, nk, dtype=torch.int64))
+                kind.scatter_(-1, tgt, torch.full(tgt.shape, val, dtype=torch.int8, device=dev))
+                if val == _PARTIAL:
+                    mask_id.scatter_(-1, tgt, self.kv_mask_id_part)
+            self._kind_cache = (kind[..., :nk].contiguous(), mask_id[..., :nk].contiguous())
+        return self._kind_cache
+
+    def layout(self) -> torch.Tensor:
+        """Bool (B, H, nQB, nKB): True where the block is visited (full or partial)."""
+        return self.block_state()[0] != _EMPTY
+
+    @property
+    def num_full(self) -> int:
+        """Number of full blocks over all stored (b, h)."""
+        return int(self.kv_num_full.sum())
+
+    @property
+    def num_partial(self) -> int:
+        """Number of partial blocks over all stored (b, h)."""
+        return int(self.kv_num_part.sum())
+
+    @property
+    def density(self) -> float:
+        """Fraction of visited (full + partial) blocks over all blocks, averaged over B, H."""
+        total = self.B * self.H * self.num_q_blocks * self.num_kv_blocks
+        return (self.num_full + self.num_partial) / total
+
+    def visited_blocks(self, batch: Optional[int] = None, heads: Optional[int] = None) -> int:
+        """Total number of (query block, key block) tiles the forward visits (full + partial), summed
+        over B and H. With ``batch`` / ``heads``, a mask that broadcasts over that dimension is counted
+        once per batch element / head (what a launch on (batch, heads) queries visits)."""
+        n = self.num_full + self.num_partial
+        if batch is not None and self.B == 1:
+            n *= int(batch)
+        if heads is not None and self.H == 1:
+            n *= int(heads)
+        return n
+
+    # ---------------------------------------------------------------------------------- conversions
+    def _dense(self, b: Optional[int] = None, h: Optional[int] = None) -> torch.Tensor:
+        kind, mask_id = self.block_state()
+        if b is not None:
+            kind, mask_id = kind[b:b + 1], mask_id[b:b + 1]
+        if h is not None:
+            kind, mask_id = kind[:, h:h + 1], mask_id[:, h:h + 1]
+        masks = self.masks.bool()
+        tiles = masks[mask_id.long()]  # (B, H, nQB, nKB, bs_q, bs_k)
+        tiles = torch.where((kind == _FULL)[..., None, None], True, tiles & (kind == _PARTIAL)[..., None, None])
+        b_, h_, nq, nk = kind.shape
+        dense = tiles.permute(0, 1, 2, 4, 3, 5).reshape(b_, h_, nq * self.bs_q, nk * self.bs_k)
+        return dense[:, :, :self.q_len, :self.kv_len].contiguous()
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense mask: bool (B, H, q_len, kv_len), True = attend (for tests / small sizes: it
+        materialises every element)."""
+        return self._dense()
+
+    def to(self, device) -> "BlockMask":
+        """A copy on ``device`` (self when already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        kw = {n: getattr(self, n).to(device) for n in self._LIST_NAMES}
+        bm = BlockMask(q_len=self.q_len, kv_len=self.kv_len, bs_q=self.bs_q, bs_k=self.bs_k,
+                       masks=self.masks.to(device), **kw)
+        if self._kind_cache is not None:
+            bm._kind_cache = tuple(t.to(device) for t in self._kind_cache)
+        return bm
+
+    # ---------------------------------------------------------------------------------- validation
+    def check_compatible(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Raise ValueError unless this mask fits q (B, Hq, Nq, D) and k (B, Hkv, Nk, D): ``q_len == Nq``,
+        ``kv_len == Nk``, ``self.B`` in (1, B), ``self.H`` in (1, Hq) (the mask's heads are query heads)
+        and the mask on q's device."""
+        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
+            raise ValueError("block_mask.check_compatible expects q (B, Hq, Nq, D) and k (B, Hkv, Nk, D) tensors")
+        B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
+        Nk = k.shape[2]
+        if self.q_len != Nq or self.kv_len != Nk:
+            raise ValueError(
+                f"block_mask was built for q_len={self.q_len}, kv_len={self.kv_len} but q has Nq={Nq} and k has "
+                f"Nk={Nk}; build it with create_block_mask(..., q_len={Nq}, kv_len={Nk})")
+        if self.B not in (1, B):
+            raise ValueError(f"block_mask has B={self.B}, which does not broadcast to q's batch {B} (use B=None to broadcast)")
+        if self.H not in (1, Hq):
+            raise ValueError(
+                f"block_mask has H={self.H}, which does not broadcast to q's {Hq} heads (the mask's H counts query "
+                "heads; use H=None to broadcast)")
+        if self.device != q.device:
+            raise ValueError(f"block_mask is on {self.device} but q is on {q.device}; use block_mask.to(q.device)")
+
+    # ---------------------------------------------------------------------------------- combination
+    def _combine(self, other: "BlockMask", op: str) -> "BlockMask":
+        if not isinstance(other, BlockMask):
+            return NotImplemented
+        if (self.q_len, self.kv_len) != (other.q_len, other.kv_len):
+            raise ValueError(f"cannot combine BlockMasks of lengths {(self.q_len, self.kv_len)} and "
+                             f"{(other.q_len, other.kv_len)}")
+        if self.block_size != other.block_size:
+            raise ValueError(f"cannot combine BlockMasks of block sizes {self.block_size} and {other.block_size}")
+        if other.device != self.device:
+            raise ValueError(f"cannot combine BlockMasks on {self.device} and {other.device}")
+        try:
+            B = torch.broadcast_shapes((self.B,), (other.B,))[0]
+            H = torch.broadcast_shapes((self.H,), (other.H,))[0]
+        except RuntimeError:
+            raise ValueError(f"cannot combine BlockMasks with (B, H) = {(self.B, self.H)} and {(other.B, other.H)}") from None
+        bs_q, bs_k, dev = self.bs_q, self.bs_k, self.device
+        nel = bs_q * bs_k
+        shape = (B, H, self.num_q_blocks, self.num_kv_blocks)
+
+        def ext(bm):  # extended id per block: 0 empty, 1 full, 2 + mask id for partial
+            kind, mid = bm.block_state()
+            e = torch.where(kind == _EMPTY, 0, torch.where(kind == _FULL, 1, 2 + mid.long()))
+            table = torch.cat([torch.zeros(1, nel, dtype=torch.bool, device=dev),
+                               torch.ones(1, nel, dtype=torch.bool, device=dev),
+                               bm.masks.reshape(-1, nel).bool()])
+            return e.expand(shape), table
+
+        ea, ta = ext(self)
+        eb, tb = ext(other)
+        pair = ea * tb.shape[0] + eb
+        upair, inv = torch.unique(pair, return_inverse=True)
+        ma, mb = ta[upair // tb.shape[0]], tb[upair % tb.shape[0]]
+        res = (ma & mb) if op == "and" else (ma | mb)  # (U, nel)
+        cnt = res.sum(-1)
+        ukind = torch.where(cnt == 0, _EMPTY, torch.where(cnt == nel, _FULL, _PARTIAL))
+        table = _MaskTable(nel, dev)
+        uid = torch.zeros_like(upair)
+        is_part = ukind == _PARTIAL
+        uid[is_part] = table.add(res[is_part])
+        kind = ukind[inv].to(torch.int8)
+        mask_id = uid[inv]
+        return BlockMask._from_block_state(kind, mask_id, table.masks(bs_q, bs_k), self.q_len, self.kv_len,
+                                           bs_q, bs_k)
+
+    def __and__(self, other: "BlockMask") -> "BlockMask":
+        """Intersection (attend where both attend); B / H broadcast."""
+        return self._combine(other, "and")
+
+    def __or__(self, other: "BlockMask") -> "BlockMask":
+        """Union (attend where either attends); B / H broadcast."""
+        return self._combine(other, "or")
+
+    # ---------------------------------------------------------------------------------- display
+    def __repr__(self) -> str:
+        head = (f"BlockMask(B={self.B}, H={self.H}, q_len={self.q_len}, kv_len={self.kv_len}, "
+                f"block_size=({self.bs_q}, {self.bs_k}), blocks={self.num_q_blocks}x{self.num_kv_blocks}, "
+                f"density={100 * self.density:.1f}%, full={self.num_full}, partial={self.num_partial}, "
+                f"masks={self.masks.shape[0]}, device={self.device})")
+        if self.num_q_blocks > 32 or self.num_kv_blocks > 64:
+            return head
+        kind = self.block_state()[0][0, 0].cpu()
+        chars = {_EMPTY: ".", _PARTIAL: "+", _FULL: "#"}
+        lines = ["  " + "".join(chars[int(x)] for x in row) for row in kind]
+        note = "  (b=0, h=0; # full, + partial, . empty)"
+        return "\n".join([head, note] + lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# create_block_mask
+# --------------------------------------------------------------------------------------------------
+def create_block_mask(
+    mask_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    B: Optional[int],
+    H: Optional[int],
+    q_len: int,
+    kv_len: int,
+    *,
+    block_size: BlockSize = 128,
+    device=None,
+) -> BlockMask:
+    """Build a :class:`BlockMask` by evaluating a mask predicate (FlexAttention ``mask_mod`` contract).
+
+    Args:
+        mask_fn: ``mask_fn(b, h, q_idx, kv_idx) -> bool tensor``, True = attend. Called with int64 index
+            tensors of shapes ``(B, 1, 1, 1)``, ``(1, H, 1, 1)``, ``(1, 1, R, 1)``, ``(1, 1, 1, C)`` (a
+            chunk of R query rows and C key columns) and must return a bool tensor broadcastable to
+            ``(B, H, R, C)``. Only indices inside ``[0, q_len) x [0, kv_len)`` are passed (ragged block
+            edges are padded with clamped indices whose result is discarded). See ``tileattn.masks`` for
+            ready-made predicates.
+        B, H: batch size and number of query heads the mask varies over, or None to broadcast (stored as
+            1; ``mask_fn`` then sees index 0).
+        q_len, kv_len: query / key sequence lengths.
+        block_size: int or ``(bs_q, bs_k)``; powers of two in [16, 256]. Must match the kernels' tiles.
+        device: where the predicate is evaluated and the mask lives; default CUDA when available, else CPU.
+
+    Evaluated eagerly (no torch.compile), chunked so that at most ~16M mask elements exist at a time
+    (never the whole ``q_len x kv_len`` mask); identical element masks of partial blocks are stored once.
+
+    Returns:
+        BlockMask with B = B or 1, H = H or 1.
+    """
+    if not callable(mask_fn):
+        raise TypeError(f"mask_fn must be callable, got {type(mask_fn).__name__}")
+    Bm, Hm = _check_bh("B", B), _check_bh("H", H)
+    q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
+    bs_q, bs_k = _check_block_size(block_size)
+    dev = _default_device(device)
+    nqb, nkb = -(-q_len // bs_q), -(-kv_len // bs_k)
+    nel = bs_q * bs_k
+    # chunk: kc key blocks x qc query blocks, with Bm * Hm * (qc * bs_q) * (kc * bs_k) <= cap (>= 1 tile)
+    per_tile = Bm * Hm * nel
+    kc = max(1, min(nkb, _CHUNK_ELEMS // per_tile))
+    qc = max(1, min(nqb, _CHUNK_ELEMS // (per_tile * kc)))
+
+    b_idx = torch.arange(Bm, device=dev).view(Bm, 1, 1, 1)
+    h_idx = torch.arange(Hm, device=dev).view(1, Hm, 1, 1)
+    kind = torch.empty(Bm, Hm, nqb, nkb, dtype=torch.int8, device=dev)
+    mask_id = torch.zeros(Bm, Hm, nqb, nkb, dtype=torch.int32, device=dev)
+    table = _MaskTable(nel, dev)
+
+    for q0 in range(0, nqb, qc):
+        q1 = min(nqb, q0 + qc)
+        rows = torch.arange(q0 * bs_q, q1 * bs_q, device=dev)
+        q_pad = q1 * bs_q > q_len
+        q_idx = rows.clamp(max=q_len - 1).view(1, 1, -1, 1)
+        for k0 in range(0, nkb, kc):
+            k1 = min(nkb, k0 + kc)
+            cols = torch.arange(k0 * bs_k, k1 * bs_k, device=dev)
+            k_pad = k1 * bs_k > kv_len
+            kv_idx = cols.clamp(max=kv_len - 1).view(1, 1, 1, -1)
+            out = mask_fn(b_idx, h_idx, q_idx, kv_idx)
+            shape = (Bm, Hm, rows.shape[0], cols.shape[0])
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"mask_fn must return a torch.Tensor, got {type(out).__name__}")
+            if out.dtype != torch.bool:
+                raise TypeError(f"mask_fn must return a bool tensor, got {out.dtype}")
+            try:
+                out = torch.broadcast_to(out, shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"mask_fn returned shape {tuple(out.shape)}, which does not broadcast to (B, H, rows, cols) = "
+                    f"{shape}; it must broadcast its index arguments") from None
+            if out.device != dev:
+                raise ValueError(f"mask_fn returned a tensor on {out.device}, expected {dev}")
+            if q_pad:
+                out = out & (rows < q_len).view(1, 1, -1, 1)
+            if k_pad:
+                out = out & (cols < kv_len).view(1, 1, 1, -1)
+            tiles = out.reshape(Bm, Hm, q1 - q0, bs_q, k1 - k0, bs_k)
+            cnt = tiles.sum(dim=(3, 5), dtype=torch.int32)  # (Bm, Hm, qc, kc)
+            ck = torch.where(cnt == 0, _EMPTY, torch.where(cnt == nel, _FULL, _PARTIAL)).to(torch.int8)
+            kind[:, :, q0:q1, k0:k1] = ck
+            part = torch.nonzero(ck == _PARTIAL)
+            if part.shape[0]:
+                pb, ph, pq, pk = part.unbind(1)
+                bits = tiles.permute(0, 1, 2, 4, 3, 5)[pb, ph, pq, pk].reshape(-1, nel)
+                ids = table.add(bits).to(torch.int32)
+                mask_id[pb, ph, pq + q0, pk + k0] = ids
+    return BlockMask._from_block_state(kind, mask_id, table.masks(bs_q, bs_k), q_len, kv_len, bs_q, bs_k)
