@@ -101,3 +101,21 @@ class KernelSpec:
 def ptr_type(dtype: torch.dtype) -> str:
     return {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
             torch.int32: "*i32", torch.uint8: "*u8", torch.int8: "*i8"}[dtype]
+
+
+def aot_specs() -> list:
+    """Shipped configs of :func:`row_dot` for the resource report: every input dtype and head-dim bucket
+    (BLOCK_D = next_pow2(D) in 16..256, BLOCK_M as the launcher picks it), default launch options."""
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for block_d in (16, 32, 64, 128, 256):
+            block_m = max(16, min(128, 8192 // block_d))
+            sig = {"a_ptr": ptr_type(dtype), "b_ptr": ptr_type(dtype), "out_ptr": "*fp32"}
+            sig.update({k: "i32" for k in ("stride_ab", "stride_ah", "stride_an", "stride_bb", "stride_bh",
+                                           "stride_bn", "H", "N", "D")})
+            specs.append(KernelSpec(
+                name=f"row_dot_{str(dtype)[6:]}_d{block_d}", fn=_row_dot_kernel, signature=sig,
+                constexprs={"BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=4, num_stages=3,
+                tags={"dtype": str(dtype)[6:], "BLOCK_D": block_d, "BLOCK_M": block_m},
+            ))
+    return specs

@@ -128,7 +128,10 @@ def attention_weights_fwd(
     B, Hq, NQ, D = q.shape
     Hkv, NK = k.shape[1], k.shape[2]
     HS, R = head_idx.numel(), row_idx.numel()
-    out = alloc(B, HS, R, NK, device=q.device, dtype=q.dtype)
+    # Interpreter gap: its fp32 -> bf16 cast truncates instead of rounding to nearest, so under the
+    # interpreter a bf16 result is written in fp32 and rounded by torch.
+    round_in_torch = interpreter_enabled() and q.dtype == torch.bfloat16
+    out = alloc(B, HS, R, NK, device=q.device, dtype=torch.float32 if round_in_torch else q.dtype)
     if out.numel() == 0:
         return out
     BLOCK_D = next_pow2(D)
@@ -156,7 +159,7 @@ def attention_weights_fwd(
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out
+    return out.to(q.dtype) if round_in_torch else out
 
 
 def aot_specs() -> List[KernelSpec]:

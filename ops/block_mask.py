@@ -561,6 +561,61 @@ class BlockMask:
         return "\n".join([head, note] + lines)
 
 
+_ONES64 = int.from_bytes(b"\x01" * 8, "little")  # eight True bools viewed as one int64
+
+
+def _classify_chunk(out, shape, pads, bs, table: _MaskTable, dev):
+    """Classify the tiles of one evaluated chunk. ``out``: what mask_fn returned for the index tensors of
+    ``shape = (Bm, Hm, rows, cols)`` (rows / cols: the int64 positions, possibly past the lengths;
+    ``pads = (rows_valid, cols_valid)``: bool vectors of the in-range ones, or None when all are).
+    Returns ``(kind, mask_id)`` of shape (b, h, nqc, nkc) with b in (1, Bm), h in (1, Hm) (a predicate
+    that ignores b / h is classified once); partial tiles' masks are added to ``table``."""
+    Bm, Hm, rows, cols = shape
+    rows_valid, cols_valid = pads
+    bs_q, bs_k = bs
+    R, C = rows.shape[0], cols.shape[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"mask_fn must return a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != torch.bool:
+        raise TypeError(f"mask_fn must return a bool tensor, got {out.dtype}")
+    if out.device != dev:
+        raise ValueError(f"mask_fn returned a tensor on {out.device}, expected {dev} (the mask's device)")
+    full_shape = (Bm, Hm, R, C)
+    ok_shape = out.dim() <= 4
+    if ok_shape:
+        out = out.reshape((1,) * (4 - out.dim()) + tuple(out.shape))
+        try:
+            ok_shape = torch.broadcast_shapes(tuple(out.shape), full_shape) == full_shape
+        except RuntimeError:
+            ok_shape = False
+    if not ok_shape:
+        raise ValueError(f"mask_fn returned shape {tuple(out.shape)}, which does not broadcast to (B, H, rows, cols) "
+                         f"= {full_shape}; it must broadcast its index arguments")
+    cb, ch = out.shape[0], out.shape[1]
+    out = out.expand(cb, ch, R, C)
+    if rows_valid is not None:
+        out = out & rows_valid.view(1, 1, -1, 1)
+    if cols_valid is not None:
+        out = out & cols_valid.view(1, 1, 1, -1)
+    out = out.contiguous()
+    nqc, nkc = R // bs_q, C // bs_k
+    try:
+        words = out.view(torch.uint8).view(torch.int64)
+    except RuntimeError:  # storage offset not 8-byte aligned
+        words = out.clone().view(torch.uint8).view(torch.int64)
+    # 8 bools per int64 word: a tile is empty iff its max word is 0, all-visible iff its min word is all ones
+    words = words.view(cb, ch, nqc, bs_q, nkc, bs_k // 8)
+    w_max, w_min = words.amax(dim=(3, 5)), words.amin(dim=(3, 5))
+    kind = torch.where(w_max == 0, _EMPTY, torch.where(w_min == _ONES64, _FULL, _PARTIAL)).to(torch.int8)
+    mask_id = torch.zeros(kind.shape, dtype=torch.int32, device=dev)
+    part = torch.nonzero(kind == _PARTIAL)
+    if part.shape[0]:
+        pb, ph, pq, pk = part.unbind(1)
+        tiles = out.view(cb, ch, nqc, bs_q, nkc, bs_k).permute(0, 1, 2, 4, 3, 5)
+        mask_id[pb, ph, pq, pk] = table.add(tiles[pb, ph, pq, pk].reshape(-1, bs_q * bs_k)).to(torch.int32)
+    return kind, mask_id
+
+
 # --------------------------------------------------------------------------------------------------
 # create_block_mask
 # --------------------------------------------------------------------------------------------------
@@ -617,39 +672,14 @@ def create_block_mask(
     for q0 in range(0, nqb, qc):
         q1 = min(nqb, q0 + qc)
         rows = torch.arange(q0 * bs_q, q1 * bs_q, device=dev)
-        q_pad = q1 * bs_q > q_len
         q_idx = rows.clamp(max=q_len - 1).view(1, 1, -1, 1)
         for k0 in range(0, nkb, kc):
             k1 = min(nkb, k0 + kc)
             cols = torch.arange(k0 * bs_k, k1 * bs_k, device=dev)
-            k_pad = k1 * bs_k > kv_len
             kv_idx = cols.clamp(max=kv_len - 1).view(1, 1, 1, -1)
             out = mask_fn(b_idx, h_idx, q_idx, kv_idx)
-            shape = (Bm, Hm, rows.shape[0], cols.shape[0])
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"mask_fn must return a torch.Tensor, got {type(out).__name__}")
-            if out.dtype != torch.bool:
-                raise TypeError(f"mask_fn must return a bool tensor, got {out.dtype}")
-            try:
-                out = torch.broadcast_to(out, shape)
-            except RuntimeError:
-                raise ValueError(
-                    f"mask_fn returned shape {tuple(out.shape)}, which does not broadcast to (B, H, rows, cols) = "
-                    f"{shape}; it must broadcast its index arguments") from None
-            if out.device != dev:
-                raise ValueError(f"mask_fn returned a tensor on {out.device}, expected {dev}")
-            if q_pad:
-                out = out & (rows < q_len).view(1, 1, -1, 1)
-            if k_pad:
-                out = out & (cols < kv_len).view(1, 1, 1, -1)
-            tiles = out.reshape(Bm, Hm, q1 - q0, bs_q, k1 - k0, bs_k)
-            cnt = tiles.sum(dim=(3, 5), dtype=torch.int32)  # (Bm, Hm, qc, kc)
-            ck = torch.where(cnt == 0, _EMPTY, torch.where(cnt == nel, _FULL, _PARTIAL)).to(torch.int8)
-            kind[:, :, q0:q1, k0:k1] = ck
-            part = torch.nonzero(ck == _PARTIAL)
-            if part.shape[0]:
-                pb, ph, pq, pk = part.unbind(1)
-                bits = tiles.permute(0, 1, 2, 4, 3, 5)[pb, ph, pq, pk].reshape(-1, nel)
-                ids = table.add(bits).to(torch.int32)
-                mask_id[pb, ph, pq + q0, pk + k0] = ids
+            pads = (rows < q_len if q1 * bs_q > q_len else None, cols < kv_len if k1 * bs_k > kv_len else None)
+            ck, cm = _classify_chunk(out, (Bm, Hm, rows, cols), pads, (bs_q, bs_k), table, dev)
+            kind[:, :, q0:q1, k0:k1] = ck  # ck / cm may be size 1 over B / H: broadcast
+            mask_id[:, :, q0:q1, k0:k1] = cm
     return BlockMask._from_block_state(kind, mask_id, table.masks(bs_q, bs_k), q_len, kv_len, bs_q, bs_k)
