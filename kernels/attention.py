@@ -565,3 +565,59 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, r
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *sb, *sl, *common)
     _launch(_attn_bwd_dkdv, BWD_CONFIGS, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * Hkv), args, meta, max(BD, BDV))
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time specs for the resource report / spill test
+# ----------------------------------------------------------------------------------------------------
+_INT_PTRS = ("KV_NUM_F", "KV_IDX_F", "KV_NUM_P", "KV_IDX_P", "KV_MID_P",
+             "Q_NUM_F", "Q_IDX_F", "Q_NUM_P", "Q_IDX_P", "Q_MID_P", "VISITS")
+
+
+def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
+    """Triton types for every argument of ``fn``: pointers by name, lengths / strides i32, scales fp32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _INT_PTRS:
+            sig[name] = "*i32"
+        elif name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name == "EMASK":
+            sig[name] = "*u8"
+        elif name == "BIAS_PTR":
+            sig[name] = ptr_type(dtype) if constexprs.get("BIAS") == 2 else "*u8"
+        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_PTR"):
+            sig[name] = ptr_type(dtype)
+        elif name in ("qk_scale", "scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def aot_specs() -> List[KernelSpec]:
+    """Every shipped config of the three kernels, per head-dim bucket, in the heaviest mask variants
+    (causal fp16 / block-sparse bf16 / float-bias fp32)."""
+    specs = []
+    variants = [
+        (torch.float16, dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30), "causal"),
+        (torch.bfloat16, dict(WINDOWED=False, SPARSE=True, BIAS=0, BSQ=128, BSK=128), "sparse"),
+        (torch.float32, dict(WINDOWED=False, SPARSE=False, BIAS=2, BSQ=1 << 30, BSK=1 << 30), "float-bias"),
+    ]
+    for kernel, table, tag in ((_attn_fwd, FWD_CONFIGS, "fwd"), (_attn_bwd_dq, BWD_CONFIGS, "bwd_dq"),
+                               (_attn_bwd_dkdv, BWD_CONFIGS, "bwd_dkdv")):
+        for bucket, configs in table.items():
+            for bm, bn, w, s in configs:
+                for dtype, var, vname in variants:
+                    if var["SPARSE"] and (bm > var["BSQ"] or bn > var["BSK"]):
+                        continue
+                    cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, BLOCK_M=bm, BLOCK_N=bn,
+                              DOT_F32=False, PREC="ieee", **var)
+                    if tag == "fwd":
+                        cx["COUNT"] = False
+                    name = f"attn_{tag}[{vname},{str(dtype)[6:]},d{bucket}] BM{bm} BN{bn} w{w} s{s}"
+                    specs.append(KernelSpec(name, kernel, _signature(kernel, dtype, cx), cx, w, s,
+                                            tags=dict(kernel=tag, dtype=str(dtype), head_dim=bucket, variant=vname)))
+    return specs
