@@ -51,55 +51,74 @@ def _dim_bucket(bd: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared tile helpers
+# Shared tile helpers: the "walk" (which tiles a program visits) and the mask variants
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _mask_scores(
     s, i_q, i_k, Nq, Nk, left, right,
-    p_bias, sb_m, sb_n, p_emask, q0, k0,
-    MASK: tl.constexpr, WINDOWED: tl.constexpr, BIAS: tl.constexpr, BSK: tl.constexpr,
+    p_bias, sb_m, sb_n, p_emask, i_mid, q0, k0,
+    WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSK: tl.constexpr,
 ):
     """Apply every mask variant to a score tile ``s`` (log2 domain). ``i_q`` / ``i_k`` are broadcastable
-    query / key index tiles (either orientation: [BM, 1] x [1, BN] or [1, BM] x [BN, 1]).
-    MASK: 0 interior tile (no index mask), 1 bounds (+ window), 2 bounds + stored element mask whose
-    block starts at (q0, k0)."""
+    query / key index tiles (either orientation: [BM, 1] x [1, BN] or [1, BM] x [BN, 1]). Always: bounds.
+    WINDOWED: the aligned (left, right) window. SPARSE: the block's stored element mask (block origin
+    (q0, k0)) when ``i_mid >= 0`` (partial block); full blocks have ``i_mid = -1``."""
     m_in = (i_q < Nq) & (i_k < Nk)
+    m_ok = m_in
+    if WINDOWED:
+        d = i_k - i_q - (Nk - Nq)  # key offset from the query's aligned diagonal
+        m_ok = m_ok & (d <= right) & (d >= -left)
+    if SPARSE:
+        b_em = tl.load(p_emask + (i_q - q0) * BSK + (i_k - k0), mask=m_in & (i_mid >= 0), other=1)
+        m_ok = m_ok & (b_em != 0)
+    if BIAS == 1:
+        b_bm = tl.load(p_bias + i_q * sb_m + i_k * sb_n, mask=m_in, other=0)
+        m_ok = m_ok & (b_bm != 0)
     if BIAS == 2:
         b_bias = tl.load(p_bias + i_q * sb_m + i_k * sb_n, mask=m_in, other=0.0).to(tl.float32)
         s = s + b_bias * 1.4426950408889634
-    if MASK > 0:
-        m_ok = m_in
-        if WINDOWED:
-            d = i_k - i_q - (Nk - Nq)  # key offset from the query's aligned diagonal
-            m_ok = m_ok & (d <= right) & (d >= -left)
-        if MASK == 2:
-            b_em = tl.load(p_emask + (i_q - q0) * BSK + (i_k - k0), mask=m_in, other=0)
-            m_ok = m_ok & (b_em != 0)
-        s = tl.where(m_ok, s, float("-inf"))
-    if BIAS == 1:
-        b_bm = tl.load(p_bias + i_q * sb_m + i_k * sb_n, mask=m_in, other=0)
-        s = tl.where(b_bm != 0, s, float("-inf"))
-    return s
+    return tl.where(m_ok, s, float("-inf"))
 
 
 @triton.jit
-def _tile_range(start, BT: tl.constexpr, BS: tl.constexpr, Nt, Ns, off, lo_w, hi_w):
-    """Tiles of size BS along the "other" axis visited by a tile [start, start + BT) of this axis.
+def _walk_setup(
+    start, BT: tl.constexpr, BSTEP: tl.constexpr, Nt, Ns, off, lo_w, hi_w,
+    NUM_F, NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
+    SPARSE: tl.constexpr, BS_THIS: tl.constexpr, BS_OTHER: tl.constexpr,
+):
+    """Plan the single loop of a program owning the tile [start, start + BT) of one axis, stepping BSTEP
+    along the other axis. Dense / windowed: tiles [lo, hi) that intersect the window (index visibility
+    ``lo_w <= other - this - off <= hi_w``, clamped non-negative before dividing). Sparse: the
+    BlockMask's full then partial blocks of this (b, h, block), BS_OTHER // BSTEP steps per block.
+    Returns (n_steps, lo, n_full, list offset)."""
+    if SPARSE:
+        i_blk = start // BS_THIS
+        n_full = tl.load(NUM_F + i_b * sn_b + i_h * sn_h + i_blk)
+        n_part = tl.load(NUM_P + i_b * sn_b + i_h * sn_h + i_blk)
+        p_l = i_b.to(tl.int64) * si_b + i_h.to(tl.int64) * si_h + i_blk * si_m
+        return (n_full + n_part) * (BS_OTHER // BSTEP), 0, n_full, p_l
+    else:
+        last = tl.minimum(start + BT, Nt) - 1
+        lo_j = tl.maximum(start + off + lo_w, 0)
+        hi_j = tl.maximum(tl.minimum(last + off + hi_w + 1, Ns), 0)
+        lo = (lo_j // BSTEP) * BSTEP
+        return tl.cdiv(tl.maximum(hi_j - lo, 0), BSTEP), lo, 0, 0
 
-    Index visibility is ``lo_w <= other - this - off <= hi_w``. Returns tile starts
-    (lo, full_lo, full_hi, hi): [lo, full_lo) and [full_hi, hi) need masking, [full_lo, full_hi) are
-    fully visible and in bounds. Everything is clamped to be non-negative before dividing."""
-    last = tl.minimum(start + BT, Nt) - 1
-    lo_j = tl.maximum(start + off + lo_w, 0)
-    hi_j = tl.minimum(last + off + hi_w + 1, Ns)
-    hi_j = tl.maximum(hi_j, 0)
-    lo = (lo_j // BS) * BS
-    hi_c = ((hi_j + BS - 1) // BS) * BS
-    a = tl.maximum(start + BT - 1 + off + lo_w, 0)
-    e = tl.maximum(tl.minimum(start + off + hi_w + 1, Ns), 0)
-    full_lo = tl.minimum(tl.maximum(((a + BS - 1) // BS) * BS, lo), hi_c)
-    full_hi = tl.maximum(tl.minimum((e // BS) * BS, hi_c), full_lo)
-    return lo, full_lo, full_hi, hi_j
+
+@triton.jit
+def _walk_step(t, lo, n_full, p_l, IDX_F, IDX_P, MID_P,
+               SPARSE: tl.constexpr, BS_OTHER: tl.constexpr, BSTEP: tl.constexpr):
+    """Step ``t`` of the loop: (tile start on the other axis, its block origin, partial-mask id or -1)."""
+    if SPARSE:
+        SUB: tl.constexpr = BS_OTHER // BSTEP
+        e = t // SUB
+        is_full = e < n_full
+        i_blk = tl.load(IDX_F + p_l + e, mask=is_full, other=0) + \
+            tl.load(IDX_P + p_l + (e - n_full), mask=e >= n_full, other=0)
+        i_mid = tl.where(is_full, -1, tl.load(MID_P + p_l + (e - n_full), mask=e >= n_full, other=0))
+        return i_blk * BS_OTHER + (t % SUB) * BSTEP, i_blk * BS_OTHER, i_mid
+    else:
+        return lo + t * BSTEP, 0, -1
 
 
 @triton.jit
@@ -110,34 +129,8 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr, PREC: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Forward
+# Forward: one program per (query tile, batch * query head)
 # ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _fwd_tile(
-    acc, l_i, m_i, b_q, K, V, start_n, o_m, o_d, o_dv,
-    s_kn, s_vn, Nq, Nk, qk_scale, left, right,
-    p_bias, sb_m, sb_n, p_emask, q0, k0,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, WINDOWED: tl.constexpr, BIAS: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
-):
-    o_n = start_n + tl.arange(0, BLOCK_N)
-    m_n = o_n < Nk
-    b_k = tl.load(K + o_n[:, None] * s_kn + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
-    b_v = tl.load(V + o_n[:, None] * s_vn + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
-    b_s = _dot(b_q, tl.trans(b_k), tl.zeros([o_m.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
-    b_s = b_s * qk_scale  # [BM, BN], log2 domain
-    b_s = _mask_scores(b_s, o_m[:, None], o_n[None, :], Nq, Nk, left, right, p_bias, sb_m, sb_n, p_emask,
-                       q0, k0, MASK, WINDOWED, BIAS, BSK)
-    m_new = tl.maximum(m_i, tl.max(b_s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    b_p = tl.math.exp2(b_s - m_safe[:, None])  # [BM, BN]
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(b_p, 1)
-    acc = _dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], DOT_F32, PREC)  # [BM, BDV]
-    return acc, l_i, m_new
-
-
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, BIAS_PTR,
@@ -158,91 +151,52 @@ def _attn_fwd(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
+    m_row = o_m < Nq
     i_b64 = i_b.to(tl.int64)
-    Q += i_b64 * s_qb + i_h.to(tl.int64) * s_qh
     K += i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
     V += i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
     p_bias = BIAS_PTR + i_b64 * sb_b + i_h.to(tl.int64) * sb_h
-    b_q = tl.load(Q + o_m[:, None] * s_qn + o_d[None, :], mask=(o_m[:, None] < Nq) & (o_d[None, :] < D), other=0.0)
+    b_q = tl.load(Q + i_b64 * s_qb + i_h.to(tl.int64) * s_qh + o_m[:, None] * s_qn + o_d[None, :],
+                  mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    n_vis = 0
-    if SPARSE:
-        i_qb = (i_m * BLOCK_M) // BSQ
-        q0 = i_qb * BSQ
-        n_full = tl.load(KV_NUM_F + i_b * sn_b + i_h * sn_h + i_qb)
-        n_part = tl.load(KV_NUM_P + i_b * sn_b + i_h * sn_h + i_qb)
-        p_l = i_b.to(tl.int64) * si_b + i_h.to(tl.int64) * si_h + i_qb * si_m  # this (b, h, q block)'s list
-        for t in range(0, n_full):
-            i_kb = tl.load(KV_IDX_F + p_l + t)
-            for sub in tl.static_range(BSK // BLOCK_N):
-                acc, l_i, m_i = _fwd_tile(
-                    acc, l_i, m_i, b_q, K, V, i_kb * BSK + sub * BLOCK_N, o_m, o_d, o_dv, s_kn, s_vn,
-                    Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, q0, i_kb * BSK,
-                    D, DV, BLOCK_N, 0, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-        for t in range(0, n_part):
-            i_kb = tl.load(KV_IDX_P + p_l + t)
-            i_mid = tl.load(KV_MID_P + p_l + t).to(tl.int64)
-            for sub in tl.static_range(BSK // BLOCK_N):
-                acc, l_i, m_i = _fwd_tile(
-                    acc, l_i, m_i, b_q, K, V, i_kb * BSK + sub * BLOCK_N, o_m, o_d, o_dv, s_kn, s_vn,
-                    Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n, EMASK + i_mid * (BSQ * BSK), q0, i_kb * BSK,
-                    D, DV, BLOCK_N, 2, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-        n_vis = (n_full + n_part) * (BSK // BLOCK_N)
-    else:
-        lo, full_lo, full_hi, hi = _tile_range(i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right)
-        for start_n in range(lo, full_lo, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, b_q, K, V, start_n, o_m, o_d, o_dv, s_kn, s_vn, Nq, Nk, qk_scale, left, right,
-                p_bias, sb_m, sb_n, EMASK, 0, 0, D, DV, BLOCK_N, 1, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-        for start_n in range(full_lo, full_hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, b_q, K, V, start_n, o_m, o_d, o_dv, s_kn, s_vn, Nq, Nk, qk_scale, left, right,
-                p_bias, sb_m, sb_n, EMASK, 0, 0, D, DV, BLOCK_N, 0, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-        for start_n in range(full_hi, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, b_q, K, V, start_n, o_m, o_d, o_dv, s_kn, s_vn, Nq, Nk, qk_scale, left, right,
-                p_bias, sb_m, sb_n, EMASK, 0, 0, D, DV, BLOCK_N, 1, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-        n_vis = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    n_steps, lo, n_full, p_l = _walk_setup(i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right,
+                                           KV_NUM_F, KV_NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
+                                           SPARSE, BSQ, BSK)
+    q0 = (i_m * BLOCK_M // BSQ) * BSQ
+    for t in range(0, n_steps):
+        start_n, k0, i_mid = _walk_step(t, lo, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P, SPARSE, BSK, BLOCK_N)
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < Nk
+        b_k = tl.load(K + o_n[:, None] * s_kn + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
+        b_v = tl.load(V + o_n[:, None] * s_vn + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
+        b_s = _dot(b_q, tl.trans(b_k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC) * qk_scale
+        b_s = _mask_scores(b_s, o_m[:, None], o_n[None, :], Nq, Nk, left, right, p_bias, sb_m, sb_n,
+                           EMASK + tl.maximum(i_mid, 0).to(tl.int64) * (BSQ * BSK), i_mid, q0, k0,
+                           WINDOWED, SPARSE, BIAS, BSK)  # [BM, BN], log2 domain
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        b_p = tl.math.exp2(b_s - m_safe[:, None])  # [BM, BN]
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        acc = _dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], DOT_F32, PREC)  # [BM, BDV]
+        m_i = m_new
     if COUNT:  # debug: key tiles this program visited
-        tl.store(VISITS + i_bh.to(tl.int64) * tl.num_programs(0) + i_m, n_vis)
+        tl.store(VISITS + i_bh.to(tl.int64) * tl.num_programs(0) + i_m, n_steps)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     b_o = acc / l_safe[:, None]
     b_lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    m_row = o_m < Nq
     tl.store(O + i_b64 * s_ob + i_h.to(tl.int64) * s_oh + o_m[:, None] * s_on + o_dv[None, :],
              b_o.to(O.dtype.element_ty), mask=m_row[:, None] & (o_dv[None, :] < DV))
     tl.store(LSE + i_bh.to(tl.int64) * Nq + o_m, b_lse, mask=m_row)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Backward: dQ (one program per query tile, same key-tile walk as the forward)
+# Backward: dQ (one program per query tile, the same key-tile walk as the forward)
 # ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _dq_tile(
-    dq, b_q, b_do, b_lse2, b_delta, K, V, start_n, o_m, o_d, o_dv,
-    s_kn, s_vn, Nq, Nk, qk_scale, left, right,
-    p_bias, sb_m, sb_n, p_emask, q0, k0,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, WINDOWED: tl.constexpr, BIAS: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
-):
-    o_n = start_n + tl.arange(0, BLOCK_N)
-    m_n = o_n < Nk
-    b_k = tl.load(K + o_n[:, None] * s_kn + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
-    b_v = tl.load(V + o_n[:, None] * s_vn + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
-    b_s = _dot(b_q, tl.trans(b_k), tl.zeros([o_m.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PREC) * qk_scale
-    b_s = _mask_scores(b_s, o_m[:, None], o_n[None, :], Nq, Nk, left, right, p_bias, sb_m, sb_n, p_emask,
-                       q0, k0, MASK, WINDOWED, BIAS, BSK)
-    b_p = tl.math.exp2(b_s - b_lse2[:, None])  # [BM, BN]
-    b_dp = _dot(b_do, tl.trans(b_v), tl.zeros([o_m.shape[0], BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
-    b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
-    return _dot(b_ds.to(b_k.dtype), b_k, dq, DOT_F32, PREC)  # [BM, BD]
-
-
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA, BIAS_PTR,
@@ -276,40 +230,24 @@ def _attn_bwd_dq(
     b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)  # empty rows: p = 0
     b_delta = tl.load(DELTA + i_bh.to(tl.int64) * Nq + o_m, mask=m_row, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if SPARSE:
-        i_qb = (i_m * BLOCK_M) // BSQ
-        q0 = i_qb * BSQ
-        n_full = tl.load(KV_NUM_F + i_b * sn_b + i_h * sn_h + i_qb)
-        n_part = tl.load(KV_NUM_P + i_b * sn_b + i_h * sn_h + i_qb)
-        p_l = i_b.to(tl.int64) * si_b + i_h.to(tl.int64) * si_h + i_qb * si_m
-        for t in range(0, n_full):
-            i_kb = tl.load(KV_IDX_F + p_l + t)
-            for sub in tl.static_range(BSK // BLOCK_N):
-                dq = _dq_tile(dq, b_q, b_do, b_lse2, b_delta, K, V, i_kb * BSK + sub * BLOCK_N, o_m, o_d, o_dv,
-                              s_kn, s_vn, Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, q0, i_kb * BSK,
-                              D, DV, BLOCK_N, 0, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-        for t in range(0, n_part):
-            i_kb = tl.load(KV_IDX_P + p_l + t)
-            i_mid = tl.load(KV_MID_P + p_l + t).to(tl.int64)
-            for sub in tl.static_range(BSK // BLOCK_N):
-                dq = _dq_tile(dq, b_q, b_do, b_lse2, b_delta, K, V, i_kb * BSK + sub * BLOCK_N, o_m, o_d, o_dv,
-                              s_kn, s_vn, Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n,
-                              EMASK + i_mid * (BSQ * BSK), q0, i_kb * BSK,
-                              D, DV, BLOCK_N, 2, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-    else:
-        lo, full_lo, full_hi, hi = _tile_range(i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right)
-        for start_n in range(lo, full_lo, BLOCK_N):
-            dq = _dq_tile(dq, b_q, b_do, b_lse2, b_delta, K, V, start_n, o_m, o_d, o_dv, s_kn, s_vn, Nq, Nk,
-                          qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, 0, 0,
-                          D, DV, BLOCK_N, 1, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-        for start_n in range(full_lo, full_hi, BLOCK_N):
-            dq = _dq_tile(dq, b_q, b_do, b_lse2, b_delta, K, V, start_n, o_m, o_d, o_dv, s_kn, s_vn, Nq, Nk,
-                          qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, 0, 0,
-                          D, DV, BLOCK_N, 0, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-        for start_n in range(full_hi, hi, BLOCK_N):
-            dq = _dq_tile(dq, b_q, b_do, b_lse2, b_delta, K, V, start_n, o_m, o_d, o_dv, s_kn, s_vn, Nq, Nk,
-                          qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, 0, 0,
-                          D, DV, BLOCK_N, 1, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+    n_steps, lo, n_full, p_l = _walk_setup(i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right,
+                                           KV_NUM_F, KV_NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
+                                           SPARSE, BSQ, BSK)
+    q0 = (i_m * BLOCK_M // BSQ) * BSQ
+    for t in range(0, n_steps):
+        start_n, k0, i_mid = _walk_step(t, lo, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P, SPARSE, BSK, BLOCK_N)
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < Nk
+        b_k = tl.load(K + o_n[:, None] * s_kn + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
+        b_v = tl.load(V + o_n[:, None] * s_vn + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
+        b_s = _dot(b_q, tl.trans(b_k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC) * qk_scale
+        b_s = _mask_scores(b_s, o_m[:, None], o_n[None, :], Nq, Nk, left, right, p_bias, sb_m, sb_n,
+                           EMASK + tl.maximum(i_mid, 0).to(tl.int64) * (BSQ * BSK), i_mid, q0, k0,
+                           WINDOWED, SPARSE, BIAS, BSK)
+        b_p = tl.math.exp2(b_s - b_lse2[:, None])  # [BM, BN]
+        b_dp = _dot(b_do, tl.trans(b_v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
+        dq = _dot(b_ds.to(b_k.dtype), b_k, dq, DOT_F32, PREC)  # [BM, BD]
     tl.store(DQ + i_b64 * s_dqb + i_h.to(tl.int64) * s_dqh + o_m[:, None] * s_dqn + o_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=m_row[:, None] & (o_d[None, :] < D))
 
@@ -318,33 +256,6 @@ def _attn_bwd_dq(
 # Backward: dK / dV (one program per key tile and kv head; walks the query tiles of every query head in
 # its GQA group, so dK / dV are summed over the group without atomics)
 # ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _dkdv_tile(
-    dk, dv, b_k, b_v, Q, DO, LSE, DELTA, start_m, o_n, o_d, o_dv,
-    s_qn, s_don, Nq, Nk, qk_scale, left, right,
-    p_bias, sb_m, sb_n, p_emask, q0, k0,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASK: tl.constexpr, WINDOWED: tl.constexpr, BIAS: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
-):
-    o_m = start_m + tl.arange(0, BLOCK_M)
-    m_m = o_m < Nq
-    b_q = tl.load(Q + o_m[:, None] * s_qn + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
-    b_do = tl.load(DO + o_m[:, None] * s_don + o_dv[None, :], mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BM, BDV]
-    b_lse = tl.load(LSE + o_m, mask=m_m, other=float("-inf"))
-    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-    b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
-    b_st = _dot(b_k, tl.trans(b_q), tl.zeros([o_n.shape[0], BLOCK_M], dtype=tl.float32), DOT_F32, PREC) * qk_scale
-    b_st = _mask_scores(b_st, o_m[None, :], o_n[:, None], Nq, Nk, left, right, p_bias, sb_m, sb_n, p_emask,
-                        q0, k0, MASK, WINDOWED, BIAS, BSK)  # [BN, BM]
-    b_pt = tl.math.exp2(b_st - b_lse2[None, :])  # [BN, BM]
-    dv = _dot(b_pt.to(b_do.dtype), b_do, dv, DOT_F32, PREC)  # [BN, BDV]
-    b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([o_n.shape[0], BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
-    b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
-    dk = _dot(b_dst.to(b_q.dtype), b_q, dk, DOT_F32, PREC)  # [BN, BD]
-    return dk, dv
-
-
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV_PTR, LSE, DELTA, BIAS_PTR,
@@ -374,6 +285,7 @@ def _attn_bwd_dkdv(
                   mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    k0 = (i_n * BLOCK_N // BSK) * BSK
     for g in range(0, G):
         i_h = i_hk * G + g
         i_h64 = i_h.to(tl.int64)
@@ -382,42 +294,28 @@ def _attn_bwd_dkdv(
         LSEh = LSE + (i_b64 * H + i_h64) * Nq
         DELTAh = DELTA + (i_b64 * H + i_h64) * Nq
         p_bias = BIAS_PTR + i_b64 * sb_b + i_h64 * sb_h
-        if SPARSE:
-            i_kb = (i_n * BLOCK_N) // BSK
-            k0 = i_kb * BSK
-            n_full = tl.load(Q_NUM_F + i_b * sn_b + i_h * sn_h + i_kb)
-            n_part = tl.load(Q_NUM_P + i_b * sn_b + i_h * sn_h + i_kb)
-            p_l = i_b64 * si_b + i_h64 * si_h + i_kb * si_m
-            for t in range(0, n_full):
-                i_qb = tl.load(Q_IDX_F + p_l + t)
-                for sub in tl.static_range(BSQ // BLOCK_M):
-                    dk, dv = _dkdv_tile(dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, i_qb * BSQ + sub * BLOCK_M,
-                                        o_n, o_d, o_dv, s_qn, s_don, Nq, Nk, qk_scale, left, right,
-                                        p_bias, sb_m, sb_n, EMASK, i_qb * BSQ, k0,
-                                        D, DV, BLOCK_M, 0, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-            for t in range(0, n_part):
-                i_qb = tl.load(Q_IDX_P + p_l + t)
-                i_mid = tl.load(Q_MID_P + p_l + t).to(tl.int64)
-                for sub in tl.static_range(BSQ // BLOCK_M):
-                    dk, dv = _dkdv_tile(dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, i_qb * BSQ + sub * BLOCK_M,
-                                        o_n, o_d, o_dv, s_qn, s_don, Nq, Nk, qk_scale, left, right,
-                                        p_bias, sb_m, sb_n, EMASK + i_mid * (BSQ * BSK), i_qb * BSQ, k0,
-                                        D, DV, BLOCK_M, 2, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-        else:
-            # query i sees key j iff -right <= i - j + (Nk - Nq) <= left
-            lo, full_lo, full_hi, hi = _tile_range(i_n * BLOCK_N, BLOCK_N, BLOCK_M, Nk, Nq, Nq - Nk, -right, left)
-            for start_m in range(lo, full_lo, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, start_m, o_n, o_d, o_dv, s_qn, s_don,
-                                    Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, 0, 0,
-                                    D, DV, BLOCK_M, 1, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-            for start_m in range(full_lo, full_hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, start_m, o_n, o_d, o_dv, s_qn, s_don,
-                                    Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, 0, 0,
-                                    D, DV, BLOCK_M, 0, WINDOWED, BIAS, BSK, DOT_F32, PREC)
-            for start_m in range(full_hi, hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, start_m, o_n, o_d, o_dv, s_qn, s_don,
-                                    Nq, Nk, qk_scale, left, right, p_bias, sb_m, sb_n, EMASK, 0, 0,
-                                    D, DV, BLOCK_M, 1, WINDOWED, BIAS, BSK, DOT_F32, PREC)
+        # query i sees key j iff -right <= i - j - (Nq - Nk) <= left
+        n_steps, lo, n_full, p_l = _walk_setup(i_n * BLOCK_N, BLOCK_N, BLOCK_M, Nk, Nq, Nq - Nk, -right, left,
+                                               Q_NUM_F, Q_NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
+                                               SPARSE, BSK, BSQ)
+        for t in range(0, n_steps):
+            start_m, q0, i_mid = _walk_step(t, lo, n_full, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P, SPARSE, BSQ, BLOCK_M)
+            o_m = start_m + tl.arange(0, BLOCK_M)
+            m_m = o_m < Nq
+            b_q = tl.load(Qh + o_m[:, None] * s_qn + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
+            b_do = tl.load(DOh + o_m[:, None] * s_don + o_dv[None, :], mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BM, BDV]
+            b_lse = tl.load(LSEh + o_m, mask=m_m, other=float("-inf"))
+            b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+            b_delta = tl.load(DELTAh + o_m, mask=m_m, other=0.0)
+            b_st = _dot(b_k, tl.trans(b_q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC) * qk_scale
+            b_st = _mask_scores(b_st, o_m[None, :], o_n[:, None], Nq, Nk, left, right, p_bias, sb_m, sb_n,
+                                EMASK + tl.maximum(i_mid, 0).to(tl.int64) * (BSQ * BSK), i_mid, q0, k0,
+                                WINDOWED, SPARSE, BIAS, BSK)  # [BN, BM]
+            b_pt = tl.math.exp2(b_st - b_lse2[None, :])  # [BN, BM]
+            dv = _dot(b_pt.to(b_do.dtype), b_do, dv, DOT_F32, PREC)  # [BN, BDV]
+            b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
+            dk = _dot(b_dst.to(b_q.dtype), b_q, dk, DOT_F32, PREC)  # [BN, BD]
     tl.store(DK + i_b64 * s_dkb + i_hk.to(tl.int64) * s_dkh + o_n[:, None] * s_dkn + o_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
     tl.store(DV_PTR + i_b64 * s_dvb + i_hk.to(tl.int64) * s_dvh + o_n[:, None] * s_dvn + o_dv[None, :],
@@ -597,6 +495,12 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
     return sig
 
 
+def _aligned_args(sig: dict) -> Tuple[str, ...]:
+    """Pointers and strides: what the JIT specialises as multiples of 16 for contiguous inputs with a
+    head dim that is a multiple of 16 (the common case the report describes)."""
+    return tuple(n for n, t in sig.items() if t.startswith("*") or (n.startswith("s_") and t == "i32"))
+
+
 def aot_specs() -> List[KernelSpec]:
     """Every shipped config of the three kernels, per head-dim bucket, in the heaviest mask variants
     (causal fp16 / block-sparse bf16 / float-bias fp32)."""
@@ -618,6 +522,8 @@ def aot_specs() -> List[KernelSpec]:
                     if tag == "fwd":
                         cx["COUNT"] = False
                     name = f"attn_{tag}[{vname},{str(dtype)[6:]},d{bucket}] BM{bm} BN{bn} w{w} s{s}"
-                    specs.append(KernelSpec(name, kernel, _signature(kernel, dtype, cx), cx, w, s,
-                                            tags=dict(kernel=tag, dtype=str(dtype), head_dim=bucket, variant=vname)))
+                    sig = _signature(kernel, dtype, cx)
+                    specs.append(KernelSpec(name, kernel, sig, cx, w, s,
+                                            tags=dict(kernel=tag, dtype=str(dtype), head_dim=bucket, variant=vname),
+                                            divisible_16=_aligned_args(sig)))
     return specs

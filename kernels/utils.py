@@ -96,6 +96,13 @@ class KernelSpec:
     num_stages: int
     archs: Tuple[int, ...] = (80, 90)
     tags: Dict[str, object] = field(default_factory=dict)
+    # Arguments the JIT would specialise as multiples of 16 at run time (aligned pointers, strides of
+    # head dims that are multiples of 16): compile with ``attrs = {(i,): [["tt.divisibility", 16]]}``.
+    divisible_16: Tuple[str, ...] = ()
+
+    def attrs(self) -> Dict[Tuple[int, ...], list]:
+        names = list(self.fn.arg_names)
+        return {(names.index(n),): [["tt.divisibility", 16]] for n in self.divisible_16}
 
 
 def ptr_type(dtype: torch.dtype) -> str:

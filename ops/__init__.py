@@ -5,5 +5,10 @@ Layout of every tensor is ``(B, H, N, D)`` like ``torch.nn.functional.scaled_dot
 from tileattn._version import __version__
 from tileattn import reference
 from tileattn.attention import attention
+from tileattn import masks
+from tileattn.block_mask import BlockMask, create_block_mask
+from tileattn.sdpa import scaled_dot_product_attention
+from tileattn.weights import attention_weights
+from tileattn import nn
 
-__all__ = ["__version__", "reference", "attention"]
+__all__ = ["scaled_dot_product_attention", "attention_weights", "nn", "__version__", "reference", "attention", "masks", "BlockMask", "create_block_mask"]

@@ -23,8 +23,7 @@ broadcasts over them):
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -76,9 +75,11 @@ def _check_bh(name: str, n) -> int:
 
 
 def _default_device(device) -> torch.device:
+    """``device`` (default: CUDA when available, else CPU) in the canonical form tensors report
+    (``cuda`` -> ``cuda:<current>``), so that device comparisons hold."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.empty(0, device=device).device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,17 +197,42 @@ class _MaskTable:
 def _compact_lists(sel: torch.Tensor, aux: Optional[torch.Tensor] = None):
     """Per row of ``sel`` (..., R, C) bool: the count of True entries (..., R) and the ascending column
     indices of the True entries packed to the front of a (..., R, C) int32 tensor (rest 0); with
-    ``aux`` (..., R, C) also ``aux`` gathered at those columns the same way."""
-    c = sel.shape[-1]
+    ``aux`` (..., R, C) also ``aux`` gathered at those columns the same way. O(n): a running count
+    gives each True entry its slot, written with duplicate-free index_put (deterministic)."""
     num = sel.sum(-1, dtype=torch.int32)
-    pos = torch.where(sel, sel.cumsum(-1) - 1, torch.full_like(sel, c, dtype=torch.int64))
-    shape = tuple(sel.shape[:-1]) + (c + 1,)
-    cols = torch.arange(c, device=sel.device, dtype=torch.int32).expand(sel.shape)
-    idx = torch.zeros(shape, dtype=torch.int32, device=sel.device).scatter_(-1, pos, cols)[..., :c].contiguous()
+    where_true = torch.nonzero(sel)  # row-major: ascending columns within each row
+    slot = (sel.cumsum(-1, dtype=torch.int32) - 1)[sel].long()
+    lead = tuple(where_true[:, d] for d in range(sel.dim() - 1))
+    col = where_true[:, -1]
+    idx = torch.zeros(sel.shape, dtype=torch.int32, device=sel.device)
+    idx[lead + (slot,)] = col.to(torch.int32)
     if aux is None:
         return num.contiguous(), idx
-    vals = torch.zeros(shape, dtype=torch.int32, device=sel.device).scatter_(-1, pos, aux.to(torch.int32))
-    return num.contiguous(), idx, vals[..., :c].contiguous()
+    vals = torch.zeros(sel.shape, dtype=torch.int32, device=sel.device)
+    vals[lead + (slot,)] = aux[lead + (col,)].to(torch.int32)
+    return num.contiguous(), idx, vals
+
+
+def _canonical_masks(part: torch.Tensor, mask_id: torch.Tensor, masks: torch.Tensor):
+    """Renumber the masks by first use in row-major (b, h, q block, kv block) order and drop unused ones,
+    so that ids do not depend on how the construction was chunked. Returns ``(mask_id int32 (0 where
+    not partial), masks (M >= 1, bs_q, bs_k))``."""
+    dev = part.device
+    ids = mask_id.long()[part]  # row-major order of the partial blocks
+    m = masks.shape[0]
+    if ids.numel() == 0:
+        return torch.zeros(part.shape, dtype=torch.int32, device=dev), torch.zeros_like(masks[:1])
+    big = ids.numel()
+    first = torch.full((m,), big, dtype=torch.int64, device=dev)
+    first = first.scatter_reduce(0, ids, torch.arange(big, device=dev), reduce="amin")
+    order = torch.argsort(first)
+    n_used = int((first < big).sum())
+    order = order[:n_used]
+    new_of_old = torch.zeros(m, dtype=torch.int64, device=dev)
+    new_of_old[order] = torch.arange(n_used, device=dev)
+    out_id = torch.zeros(part.shape, dtype=torch.int32, device=dev)
+    out_id[part] = new_of_old[ids].to(torch.int32)
+    return out_id, masks[order].contiguous()
 
 
 def _bounds_mask(rows: int, cols: int, bs_q: int, bs_k: int, device) -> torch.Tensor:
@@ -301,7 +327,7 @@ class BlockMask:
         """kind: (B, H, nQB, nKB) int (0 empty, 1 partial, 2 full); mask_id: same shape, the index into
         ``masks`` of each partial block (ignored elsewhere)."""
         full, part = kind == _FULL, kind == _PARTIAL
-        mask_id = torch.where(part, mask_id.to(torch.int32), torch.zeros((), dtype=torch.int32, device=kind.device))
+        mask_id, masks = _canonical_masks(part, mask_id, masks)
         kv_num_full, kv_idx_full = _compact_lists(full)
         kv_num_part, kv_idx_part, kv_mask_id_part = _compact_lists(part, mask_id)
         full_t, part_t, id_t = full.transpose(-1, -2), part.transpose(-1, -2), mask_id.transpose(-1, -2)
@@ -393,20 +419,19 @@ class BlockMask:
         """``(kind, mask_id)``, both (B, H, nQB, nKB): kind int8 (0 empty, 1 partial, 2 full), mask_id
         int32 (index into ``masks`` for partial blocks, 0 elsewhere). Rebuilt from the forward lists."""
         if self._kind_cache is None:
-            shape = (self.B, self.H, self.num_q_blocks, self.num_kv_blocks + 1)
+            shape = (self.B, self.H, self.num_q_blocks, self.num_kv_blocks)
             dev = self.device
-            nk = self.num_kv_blocks
-            slot = torch.arange(nk, device=dev)
+            slot = torch.arange(self.num_kv_blocks, device=dev)
             kind = torch.zeros(shape, dtype=torch.int8, device=dev)
             mask_id = torch.zeros(shape, dtype=torch.int32, device=dev)
             for num, idx, val in ((self.kv_num_full, self.kv_idx_full, _FULL),
                                   (self.kv_num_part, self.kv_idx_part, _PARTIAL)):
-                valid = slot < num[..., None].long()
-                tgt = torch.where(valid, idx.long(), torch.full_like(idx, nk, dtype=torch.int64))
-                kind.scatter_(-1, tgt, torch.full(tgt.shape, val, dtype=torch.int8, device=dev))
+                b, h, i, s = torch.nonzero(slot < num[..., None]).unbind(1)
+                j = idx[b, h, i, s].long()
+                kind[b, h, i, j] = val
                 if val == _PARTIAL:
-                    mask_id.scatter_(-1, tgt, self.kv_mask_id_part)
-            self._kind_cache = (kind[..., :nk].contiguous(), mask_id[..., :nk].contiguous())
+                    mask_id[b, h, i, j] = self.kv_mask_id_part[b, h, i, s]
+            self._kind_cache = (kind, mask_id)
         return self._kind_cache
 
     def layout(self) -> torch.Tensor:
@@ -461,7 +486,7 @@ class BlockMask:
 
     def to(self, device) -> "BlockMask":
         """A copy on ``device`` (self when already there)."""
-        device = torch.device(device)
+        device = torch.empty(0, device=device).device  # canonical ("cuda" -> "cuda:0")
         if device == self.device:
             return self
         kw = {n: getattr(self, n).to(device) for n in self._LIST_NAMES}
@@ -551,7 +576,7 @@ class BlockMask:
         head = (f"BlockMask(B={self.B}, H={self.H}, q_len={self.q_len}, kv_len={self.kv_len}, "
                 f"block_size=({self.bs_q}, {self.bs_k}), blocks={self.num_q_blocks}x{self.num_kv_blocks}, "
                 f"density={100 * self.density:.1f}%, full={self.num_full}, partial={self.num_partial}, "
-                f"masks={self.masks.shape[0]}, device={self.device})")
+                f"masks={self.masks.shape[0] if self.num_partial else 0}, device={self.device})")
         if self.num_q_blocks > 32 or self.num_kv_blocks > 64:
             return head
         kind = self.block_state()[0][0, 0].cpu()
@@ -616,6 +641,48 @@ def _classify_chunk(out, shape, pads, bs, table: _MaskTable, dev):
     return kind, mask_id
 
 
+def _band_block_mask(band, Bm: int, Hm: int, q_len: int, kv_len: int, bs_q: int, bs_k: int, dev) -> "BlockMask":
+    """Closed-form construction for a band predicate ``lo <= kv_idx - q_idx <= hi`` (None = unbounded),
+    e.g. causal / sliding window: within a block, ``kv - q`` takes every value of an interval, so blocks
+    are classified from their corners and only the distinct partial-block patterns are evaluated."""
+    big = 1 << 62
+    lo = -big if band[0] is None else int(band[0])
+    hi = big if band[1] is None else int(band[1])
+    nqb, nkb = -(-q_len // bs_q), -(-kv_len // bs_k)
+    r0 = torch.arange(nqb, device=dev) * bs_q
+    c0 = torch.arange(nkb, device=dev) * bs_k
+    rv = (r0 + bs_q).clamp(max=q_len) - r0  # valid rows / cols per block
+    cv = (c0 + bs_k).clamp(max=kv_len) - c0
+    d_min = c0[None, :] - (r0 + rv - 1)[:, None]  # range of kv - q over the valid part of each block
+    d_max = (c0 + cv - 1)[None, :] - r0[:, None]
+    visible = (d_max >= lo) & (d_min <= hi) & (lo <= hi)  # lo > hi: an empty band
+    full = (d_min >= lo) & (d_max <= hi) & (rv == bs_q)[:, None] & (cv == bs_k)[None, :]
+    kind = torch.where(full, _FULL, torch.where(visible, _PARTIAL, _EMPTY)).to(torch.int8)
+    mask_id = torch.zeros(nqb, nkb, dtype=torch.int64, device=dev)
+    table = _MaskTable(bs_q * bs_k, dev)
+    pi, pj = torch.nonzero(kind == _PARTIAL).unbind(1)
+    if pi.numel():
+        # a partial block's pattern depends only on (c0 - r0, valid rows, valid cols)
+        key = ((c0[pj] - r0[pi] + q_len) * (bs_q + 1) + rv[pi]) * (bs_k + 1) + cv[pj]
+        ukey, inv = torch.unique(key, return_inverse=True)
+        first = torch.full((ukey.shape[0],), pi.shape[0], dtype=torch.int64, device=dev)
+        first = first.scatter_reduce(0, inv, torch.arange(pi.shape[0], device=dev), reduce="amin")
+        ui, uj = pi[first], pj[first]
+        r = torch.arange(bs_q, device=dev)
+        c = torch.arange(bs_k, device=dev)
+        uid = torch.empty(ukey.shape[0], dtype=torch.int64, device=dev)
+        step = max(1, _CHUNK_ELEMS // (bs_q * bs_k))
+        for s in range(0, ukey.shape[0], step):
+            bi, bj = ui[s:s + step], uj[s:s + step]
+            d = (c0[bj][:, None, None] + c[None, None, :]) - (r0[bi][:, None, None] + r[None, :, None])
+            ok = (d >= lo) & (d <= hi) & (r[None, :, None] < rv[bi][:, None, None]) & (c[None, None, :] < cv[bj][:, None, None])
+            uid[s:s + step] = table.add(ok.reshape(ok.shape[0], -1))
+        mask_id[pi, pj] = uid[inv]
+    shape = (Bm, Hm, nqb, nkb)
+    return BlockMask._from_block_state(kind.expand(shape), mask_id.expand(shape), table.masks(bs_q, bs_k),
+                                       q_len, kv_len, bs_q, bs_k)
+
+
 # --------------------------------------------------------------------------------------------------
 # create_block_mask
 # --------------------------------------------------------------------------------------------------
@@ -646,6 +713,8 @@ def create_block_mask(
 
     Evaluated eagerly (no torch.compile), chunked so that at most ~16M mask elements exist at a time
     (never the whole ``q_len x kv_len`` mask); identical element masks of partial blocks are stored once.
+    Predicates from ``tileattn.masks`` that describe a band (``causal``, ``sliding_window`` and their
+    ``and_masks``) are classified in closed form instead (identical result, O(blocks) work).
 
     Returns:
         BlockMask with B = B or 1, H = H or 1.
@@ -656,6 +725,9 @@ def create_block_mask(
     q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
     bs_q, bs_k = _check_block_size(block_size)
     dev = _default_device(device)
+    band = getattr(mask_fn, "_tileattn_band", None)
+    if band is not None:  # tileattn.masks causal / sliding_window: closed form, same result
+        return _band_block_mask(band, Bm, Hm, q_len, kv_len, bs_q, bs_k, dev)
     nqb, nkb = -(-q_len // bs_q), -(-kv_len // bs_k)
     nel = bs_q * bs_k
     # chunk: kc key blocks x qc query blocks, with Bm * Hm * (qc * bs_q) * (kc * bs_k) <= cap (>= 1 tile)

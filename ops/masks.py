@@ -8,6 +8,11 @@ Every function here returns a ``mask_fn(b, h, q_idx, kv_idx) -> bool tensor`` (t
         tileattn.masks.and_masks(tileattn.masks.causal(), tileattn.masks.document(doc_ids)),
         None, None, n, n)
 
+``causal``, ``sliding_window`` and ``and_masks`` of them carry a band description
+(``mask_fn._tileattn_band = (lo, hi)``: attend iff ``lo <= kv_idx - q_idx <= hi``, None = unbounded) that
+lets ``create_block_mask`` classify blocks in closed form instead of evaluating every element (same
+result, much faster at long lengths).
+
 Positions: ``causal`` and ``sliding_window`` follow ``tileattn.attention`` (bottom-right aligned when
 ``q_len`` and ``kv_len`` are given and differ: query i sits at key position ``i + kv_len - q_len``); the
 other predicates compare raw indices (self-attention, ``q_len == kv_len``).
@@ -80,6 +85,7 @@ def causal(q_len: Optional[int] = None, kv_len: Optional[int] = None) -> MaskFn:
     def mask_fn(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx + off
 
+    mask_fn._tileattn_band = (None, off)
     return mask_fn
 
 
@@ -107,6 +113,7 @@ def sliding_window(left: int, right: int, q_len: Optional[int] = None, kv_len: O
             return kv_idx <= pos + right
         return torch.ones(torch.broadcast_shapes(q_idx.shape, kv_idx.shape), dtype=torch.bool, device=q_idx.device)
 
+    mask_fn._tileattn_band = (off - left if left >= 0 else None, off + right if right >= 0 else None)
     return mask_fn
 
 
@@ -299,6 +306,11 @@ def and_masks(*fns: MaskFn) -> MaskFn:
             ok = ok & f(b, h, q_idx, kv_idx)
         return ok
 
+    bands = [getattr(f, "_tileattn_band", None) for f in fns]
+    if fns and all(bd is not None for bd in bands):  # intersection of bands is a band
+        los = [bd[0] for bd in bands if bd[0] is not None]
+        his = [bd[1] for bd in bands if bd[1] is not None]
+        mask_fn._tileattn_band = (max(los) if los else None, min(his) if his else None)
     return mask_fn
 
 

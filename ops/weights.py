@@ -65,12 +65,15 @@ def _index(sel: Index, n: int, name: str, device) -> torch.Tensor:
     if sel is None:
         return torch.arange(n, device=device, dtype=torch.int32)
     if isinstance(sel, slice):
-        return torch.arange(n, device=device, dtype=torch.int32)[sel]
+        idx = torch.arange(n, device=device, dtype=torch.int32)[sel].contiguous()
+        if idx.numel() == 0:
+            raise ValueError(f"{name} selects nothing")
+        return idx
     if isinstance(sel, torch.Tensor):
         if sel.dtype == torch.bool or sel.is_floating_point() or sel.dim() > 1:
             raise TypeError(f"{name} must be an int, a slice, a sequence of ints or a 1-d integer tensor")
         idx = sel.reshape(-1).to(device=device, dtype=torch.int32)
-        idx = torch.where(idx < 0, idx + n, idx)
+        idx = torch.where(idx < 0, idx + n, idx).contiguous()
         if not torch.compiler.is_compiling() and idx.numel() and bool(((idx < 0) | (idx >= n)).any()):
             raise ValueError(f"{name} holds an index out of range for size {n}")
         return idx
@@ -98,7 +101,7 @@ def _fold_block_mask(bias: Optional[torch.Tensor], block_mask, device) -> Option
         return dense
     if bias.dtype == torch.bool:
         return bias & dense
-    return bias.masked_fill(~dense, float("-inf"))
+    return torch.where(dense, bias, torch.full((), float("-inf"), dtype=bias.dtype, device=device))
 
 
 def _weights_from_lse(
@@ -147,8 +150,8 @@ def attention_weights(
             with the fused op.
         causal: bottom-right aligned causal mask (query i sees key j iff j <= i + Nk - Nq).
         window: ``(left, right)`` sliding window, same convention as :func:`tileattn.attention`.
-        block_mask: a block mask (anything with ``to_dense()`` giving a bool mask broadcastable to
-            (B, Hq, Nq, Nk)); ANDed with the other masks.
+        block_mask: a :class:`tileattn.BlockMask`; ANDed with the other masks (the weights kernel reads
+            its dense form, ``block_mask.to_dense()``).
         bias: bool (True = attend) or float (added to the scaled scores) tensor broadcastable to
             (B, Hq, Nq, Nk).
         scale: softmax scale, default 1/sqrt(D).
@@ -173,11 +176,11 @@ def attention_weights(
     scale_f = check_scale(scale, D)
     from tileattn.attention import _attention, _check_bias
 
-    bias = _fold_block_mask(bias, block_mask, q.device)
     if lse is None:
         with torch.no_grad():
             _, lse = _attention(q, k, k, window=None if (left, right) == (-1, -1) else (left, right),
-                                bias=bias, scale=scale_f, return_lse=True)
+                                block_mask=block_mask, bias=bias, scale=scale_f, return_lse=True)
+    bias = _fold_block_mask(bias, block_mask, q.device)
     if not isinstance(lse, torch.Tensor):
         raise TypeError(f"lse must be a torch.Tensor or None, got {type(lse).__name__}")
     if tuple(lse.shape) != (B, Hq, Nq):

@@ -1,0 +1,334 @@
+"""Benchmark providers, discovered lazily: a provider whose package or backend is missing is skipped with a
+note saying why, never an error.
+
+Each provider builds, for a :class:`bench.measure.Case` and one input set, a callable returning the output
+(differentiable w.r.t. ``Built.leaves``). With ``for_gate=True`` the callable takes and returns the
+(B, H, N, D) layout so the correctness gate can compare it (layout conversions happen inside the graph);
+for timing, conversions happen once, outside the timed call.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from bench.env import on_cuda
+
+
+@dataclass
+class Built:
+    fn: Callable[[], torch.Tensor]
+    leaves: List[torch.Tensor]
+
+
+class Provider:
+    """Base class. ``name``: short id used in results and plots; ``ops``: which case ops it computes
+    ('softmax', 'sparse', 'lightning'); ``ours``: a tileattn kernel (must launch Triton kernels)."""
+
+    name = "?"
+    ops: tuple = ()
+    ours = False
+    cpu_ok = False  # usable for the CPU harness self-test (--cpu-timing)
+    scale: Optional[float] = None  # softmax / linear scale convention the provider uses (None = 1/sqrt(D))
+
+    def unavailable(self) -> Optional[str]:
+        """None when usable in this process, else the reason (missing package, backend, device)."""
+        return None
+
+    def skip(self, case) -> Optional[str]:
+        """None when this case can run, else why not (e.g. estimated memory)."""
+        return None
+
+    def context(self, case):
+        return contextlib.nullcontext()
+
+    def build(self, case, inp, masks, for_gate: bool) -> Built:
+        raise NotImplementedError
+
+
+def _free_bytes() -> int:
+    if on_cuda():
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    return 8 << 30
+
+
+def _quadratic_bytes(case, per_elem: float) -> float:
+    return case.B * case.H * case.N * case.N * per_elem
+
+
+# ------------------------------------------------------------------------------------------------ tileattn
+class TileattnSoftmax(Provider):
+    name = "tileattn"
+    ops = ("softmax", "sparse")
+    ours = True
+
+    def unavailable(self):
+        try:
+            import tileattn  # noqa: F401
+        except Exception as e:
+            return f"tileattn does not import: {e}"
+        return None
+
+    def skip(self, case):
+        import tileattn
+
+        if case.op == "sparse" and not (hasattr(tileattn, "create_block_mask") or hasattr(tileattn, "BlockMask")):
+            return "tileattn.create_block_mask not available yet"
+        return None
+
+    def build(self, case, inp, masks, for_gate):
+        import tileattn
+
+        q, k, v = inp.q, inp.k, inp.v
+        if case.op == "sparse":
+            bm = masks.tileattn(case.mask, case.N, case.H, q.device)
+            return Built(lambda: tileattn.attention(q, k, v, block_mask=bm), [q, k, v])
+        causal = case.causal
+        return Built(lambda: tileattn.attention(q, k, v, causal=causal), [q, k, v])
+
+
+class TileattnLightning(Provider):
+    name = "tileattn-lightning"
+    ops = ("lightning",)
+    ours = True
+
+    def unavailable(self):
+        try:
+            import tileattn
+        except Exception as e:
+            return f"tileattn does not import: {e}"
+        if not hasattr(tileattn, "lightning_attention"):
+            return "tileattn.lightning_attention not available yet"
+        return None
+
+    def build(self, case, inp, masks, for_gate):
+        import tileattn
+
+        q, k, v, decay = inp.q, inp.k, inp.v, inp.decay
+        scale = inp.extra.get("scale")
+        return Built(lambda: tileattn.lightning_attention(q, k, v, decay, scale=scale), [q, k, v])
+
+
+# ------------------------------------------------------------------------------------------------ SDPA
+_SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                  "math": "MATH"}
+
+
+class SDPA(Provider):
+    """``torch.nn.functional.scaled_dot_product_attention`` pinned to one backend with ``sdpa_kernel``.
+    For 'sparse' cases it takes the dense boolean mask (only backends that accept ``attn_mask``)."""
+
+    ops = ("softmax", "sparse")
+    cpu_ok = True
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = f"sdpa-{backend}"
+
+    def _enum(self):
+        from torch.nn.attention import SDPBackend
+
+        return getattr(SDPBackend, _SDPA_BACKENDS[self.backend], None)
+
+    def unavailable(self):
+        try:
+            from torch.nn.attention import sdpa_kernel  # noqa: F401
+        except Exception as e:
+            return f"torch.nn.attention.sdpa_kernel missing: {e}"
+        if self._enum() is None:
+            return f"SDPBackend.{_SDPA_BACKENDS[self.backend]} not in this torch"
+        if not on_cuda() and self.backend not in ("math", "flash"):
+            return "CUDA-only backend"
+        return None
+
+    def skip(self, case):
+        if case.op == "sparse" and self.backend in ("flash", "cudnn"):
+            return f"{self.backend} takes no attn_mask"
+        if self.backend == "math":
+            need = _quadratic_bytes(case, 12 if case.mode == "fwd" else 24)
+            if need > 0.6 * _free_bytes():
+                return f"math backend would need ~{need / 2**30:.0f} GiB for the N×N scores"
+        if case.op == "sparse":
+            need = case.H * case.N * case.N  # the (1, H, N, N) bool mask
+            if need > 0.3 * _free_bytes():
+                return f"dense mask would need ~{need / 2**30:.0f} GiB"
+        return None
+
+    def context(self, case):
+        from torch.nn.attention import sdpa_kernel
+
+        return sdpa_kernel([self._enum()])
+
+    def build(self, case, inp, masks, for_gate):
+        q, k, v = inp.q, inp.k, inp.v
+        scale = inp.extra.get("scale")
+        if case.op == "sparse":
+            m = masks.dense(case.mask, case.B, case.N, case.H, q.device)
+            return Built(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale), [q, k, v])
+        causal = case.causal
+        return Built(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale), [q, k, v])
+
+
+# ------------------------------------------------------------------------------------------------ Flex
+_FLEX = {}
+
+
+class Flex(Provider):
+    """FlexAttention compiled with ``torch.compile`` (one compile per shape), with the same masks as
+    tileattn: causal / block-sparse predicates become FlexAttention block masks (block size 128)."""
+
+    name = "flex"
+    ops = ("softmax", "sparse")
+
+    def unavailable(self):
+        if not on_cuda():
+            return "FlexAttention is compiled for CUDA here (CPU timings are not the point)"
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        except Exception as e:
+            return f"FlexAttention missing: {e}"
+        return None
+
+    @staticmethod
+    def _compiled():
+        if "fn" not in _FLEX:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        return _FLEX["fn"]
+
+    def build(self, case, inp, masks, for_gate):
+        q, k, v = inp.q, inp.k, inp.v
+        fn = self._compiled()
+        bm = None
+        if case.op == "sparse":
+            bm = masks.flex(case.mask, case.N, case.H, q.device)
+        elif case.causal:
+            bm = masks.flex("causal", case.N, case.H, q.device)
+        scale = inp.extra.get("scale")
+        return Built(lambda: fn(q, k, v, block_mask=bm, scale=scale), [q, k, v])
+
+
+# ------------------------------------------------------------------------------------------------ naive
+class Naive(Provider):
+    """The PyTorch reference (``tileattn.reference.attention_ref``, same dtype): materialises N×N."""
+
+    name = "naive"
+    ops = ("softmax", "sparse")
+    cpu_ok = True
+
+    def skip(self, case):
+        need = _quadratic_bytes(case, 16 if case.mode == "fwd" else 40)
+        if case.op == "sparse":
+            need += case.H * case.N * case.N
+        if need > 0.6 * _free_bytes():
+            return f"naive reference would need ~{need / 2**30:.0f} GiB"
+        return None
+
+    def build(self, case, inp, masks, for_gate):
+        from tileattn.reference import attention_ref
+
+        q, k, v = inp.q, inp.k, inp.v
+        mask = masks.dense(case.mask, case.B, case.N, case.H, q.device) if case.op == "sparse" else None
+        causal = case.causal
+        scale = inp.extra.get("scale")
+        return Built(lambda: attention_ref(q, k, v, causal=causal, mask=mask, scale=scale)[0], [q, k, v])
+
+
+# ------------------------------------------------------------------------------------------------ linear
+class FlaSimpleGLA(Provider):
+    """fla's ``chunk_simple_gla`` (per-head scalar decay; (B, T, H, D) layout, g = log decay per step)."""
+
+    name = "fla-simple-gla"
+    ops = ("lightning",)
+
+    def unavailable(self):
+        if not on_cuda():
+            return "fla kernels need CUDA"
+        try:
+            importlib.import_module("fla.ops.simple_gla")
+        except Exception as e:
+            return f"fla not importable ({type(e).__name__})"
+        return None
+
+    def build(self, case, inp, masks, for_gate):
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        scale = inp.extra.get("scale") or case.D ** -0.5
+        B, H, N = case.B, case.H, case.N
+        g = (-inp.decay).view(1, 1, H).expand(B, N, H).contiguous()
+        if for_gate:
+            q, k, v = inp.q, inp.k, inp.v
+
+            def fn():
+                o = chunk_simple_gla(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), g=g, scale=scale)
+                o = o[0] if isinstance(o, tuple) else o
+                return o.transpose(1, 2)
+
+            return Built(fn, [q, k, v])
+        req = inp.q.requires_grad
+        q, k, v = [x.detach().transpose(1, 2).contiguous().requires_grad_(req) for x in (inp.q, inp.k, inp.v)]
+
+        def fn():
+            o = chunk_simple_gla(q, k, v, g=g, scale=scale)
+            return o[0] if isinstance(o, tuple) else o
+
+        return Built(fn, [q, k, v])
+
+
+class LightningAttnPkg(Provider):
+    """OpenNLPLab ``lightning_attn`` (Lightning-2): ``lightning_attn_func(q, k, v, s)``, s = (H, 1, 1) rates,
+    no softmax-style scale (scale 1)."""
+
+    name = "lightning-attn"
+    ops = ("lightning",)
+    scale = 1.0
+
+    def unavailable(self):
+        if not on_cuda():
+            return "lightning_attn kernels need CUDA"
+        try:
+            importlib.import_module("lightning_attn.ops")
+        except Exception as e:
+            return f"lightning_attn not importable ({type(e).__name__})"
+        return None
+
+    def build(self, case, inp, masks, for_gate):
+        from lightning_attn.ops import lightning_attn_func
+
+        q, k, v = inp.q, inp.k, inp.v
+        s = inp.decay.view(-1, 1, 1).contiguous()
+        return Built(lambda: lightning_attn_func(q, k, v, s), [q, k, v])
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def all_providers() -> Dict[str, Provider]:
+    ps = [TileattnSoftmax(), TileattnLightning(), SDPA("flash"), SDPA("efficient"), SDPA("cudnn"), SDPA("math"),
+          Flex(), Naive(), FlaSimpleGLA(), LightningAttnPkg()]
+    return {p.name: p for p in ps}
+
+
+# which providers each sweep runs, and the op each computes there (the lightning sweep compares against
+# causal softmax attention: tileattn and the SDPA flash backend)
+SWEEP_PROVIDERS = {
+    "softmax": [("tileattn", "softmax"), ("sdpa-flash", "softmax"), ("sdpa-efficient", "softmax"),
+                ("sdpa-cudnn", "softmax"), ("sdpa-math", "softmax"), ("flex", "softmax"), ("naive", "softmax")],
+    "sparse": [("tileattn", "sparse"), ("flex", "sparse"), ("sdpa-efficient", "sparse"),
+               ("tileattn", "softmax"), ("sdpa-flash", "softmax")],
+    "lightning": [("tileattn-lightning", "lightning"), ("fla-simple-gla", "lightning"),
+                  ("lightning-attn", "lightning"), ("tileattn", "softmax"), ("sdpa-flash", "softmax")],
+}
+
+
+def series_name(provider: str, sweep: str, op: str) -> str:
+    """Label of a provider's line in a sweep (dense / causal-softmax baselines are marked)."""
+    if sweep == "sparse" and op == "softmax":
+        return f"{provider} (dense)"
+    if sweep == "lightning" and op == "softmax":
+        return f"{provider} (causal softmax)"
+    return provider

@@ -1,0 +1,183 @@
+"""tileattn.scaled_dot_product_attention against torch's: masks (bool / float, broadcast shapes),
+top-left causal for every Nq / Nk relation, GQA, scale, leading dims, gradients, fallbacks, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tileattn
+from tileattn import _utils
+from helpers import DEVICE, assert_close, randn
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    _utils._warned.clear()
+    yield
+
+
+def sdpa_refs(q, k, v, **kw):
+    """(float64 reference, same-dtype torch result) from torch's own SDPA."""
+    m = kw.get("attn_mask")
+    kw64 = dict(kw)
+    if m is not None and m.is_floating_point():
+        kw64["attn_mask"] = m.double()
+    ref64 = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw64)
+    ref_lp = F.scaled_dot_product_attention(q, k, v, **kw)
+    return ref64, ref_lp
+
+
+def check(q, k, v, **kw):
+    out = tileattn.scaled_dot_product_attention(q, k, v, **kw)
+    ref64, ref_lp = sdpa_refs(q, k, v, **kw)
+    assert out.dtype == q.dtype
+    assert_close("sdpa", out, ref64, ref_lp, dtype=q.dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nq,nk", [(1, 1), (17, 17), (33, 17), (17, 63), (1, 40)], ids=str)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_causal_and_lengths(dtype, nq, nk, is_causal):
+    q = randn(2, 3, nq, 40, dtype=dtype, layout="bnhd")  # non-contiguous
+    k = randn(2, 3, nk, 40, dtype=dtype, layout="bnhd")
+    v = randn(2, 3, nk, 24, dtype=dtype)
+    check(q, k, v, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize(
+    "mshape", [(19, 37), (2, 1, 19, 37), (1, 4, 1, 37), (1, 37), (2, 4, 19, 37), (4, 19, 1)], ids=str)
+def test_sdpa_masks_broadcast(dtype, kind, mshape):
+    q = randn(2, 4, 19, 32, dtype=dtype)
+    k = randn(2, 4, 37, 32, dtype=dtype)
+    v = randn(2, 4, 37, 32, dtype=dtype)
+    if kind == "bool":
+        mask = torch.rand(mshape, device=DEVICE) > 0.4
+        if mshape[-1] != 1:
+            mask[..., 0] = True  # keep every row attending somewhere (torch GPU kernels give NaN otherwise)
+        else:
+            mask[:] = True
+    else:
+        mask = torch.randn(mshape, device=DEVICE).to(dtype if dtype != torch.float32 else torch.float32)
+    check(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (6, 1), (4, 4)], ids=str)
+def test_sdpa_gqa_scale(dtype, hq, hkv):
+    q = randn(2, hq, 21, 64, dtype=dtype)
+    k = randn(2, hkv, 30, 64, dtype=dtype)
+    v = randn(2, hkv, 30, 48, dtype=dtype)
+    check(q, k, v, enable_gqa=True, scale=0.21)
+    check(q, k, v, enable_gqa=True, is_causal=True)
+    check(q, k, v, enable_gqa=True, attn_mask=torch.rand(21, 30, device=DEVICE) > 0.2)
+
+
+@pytest.mark.parametrize(
+    "qs,ks,vs,kw",
+    [
+        ((13, 16), (9, 16), (9, 8), {}),  # 2-d
+        ((3, 13, 16), (3, 9, 16), (3, 9, 16), {"is_causal": True}),  # 3-d
+        ((2, 3, 4, 13, 16), (2, 3, 2, 9, 16), (2, 3, 2, 9, 16), {"enable_gqa": True}),  # 5-d GQA
+        ((2, 3, 4, 13, 16), (1, 3, 4, 9, 16), (1, 3, 4, 9, 16), {}),  # broadcast batch
+        ((2, 4, 13, 16), (2, 1, 9, 16), (2, 1, 9, 16), {}),  # a single kv head broadcasts
+    ],
+    ids=str,
+)
+def test_sdpa_leading_dims(qs, ks, vs, kw):
+    check(randn(*qs, dtype=torch.float32), randn(*ks, dtype=torch.float32), randn(*vs, dtype=torch.float32), **kw)
+
+
+def test_sdpa_leading_dims_with_mask():
+    q = randn(2, 3, 4, 13, 16, dtype=torch.float32)
+    k = randn(2, 3, 2, 9, 16, dtype=torch.float32)
+    v = randn(2, 3, 2, 9, 16, dtype=torch.float32)
+    mask = torch.rand(3, 1, 13, 9, device=DEVICE) > 0.3
+    mask[..., 0] = True
+    check(q, k, v, enable_gqa=True, attn_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ["causal_gqa", "bool_mask", "float_mask", "causal_nq_gt_nk"])
+def test_sdpa_backward(dtype, case):
+    nq, nk = (29, 13) if case == "causal_nq_gt_nk" else (23, 23)
+    hkv = 2 if case == "causal_gqa" else 4
+    q = randn(2, 4, nq, 32, dtype=dtype, requires_grad=True)
+    k = randn(2, hkv, nk, 32, dtype=dtype, requires_grad=True)
+    v = randn(2, hkv, nk, 32, dtype=dtype, requires_grad=True)
+    kw = {"enable_gqa": hkv != 4}
+    if case in ("causal_gqa", "causal_nq_gt_nk"):
+        kw["is_causal"] = True
+    elif case == "bool_mask":
+        m = torch.rand(nq, nk, device=DEVICE) > 0.3
+        m[:, 0] = True
+        kw["attn_mask"] = m
+    else:
+        kw["attn_mask"] = torch.randn(2, 1, nq, nk, device=DEVICE, dtype=dtype)
+    do = randn(2, 4, nq, 32, dtype=dtype)
+    out = tileattn.scaled_dot_product_attention(q, k, v, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    kw64 = dict(kw)
+    if case == "float_mask":
+        kw64["attn_mask"] = kw["attn_mask"].double()
+    g64 = torch.autograd.grad(F.scaled_dot_product_attention(q64, k64, v64, **kw64), (q64, k64, v64), do.double())
+    g_lp = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, **kw), (q, k, v), do)
+    for name, g, r, rl in zip("qkv", grads, g64, g_lp):
+        assert_close(f"d{name}", g, r, rl, dtype=dtype)
+
+
+def test_sdpa_fully_masked_rows_are_zero():
+    q = randn(1, 2, 6, 16, dtype=torch.float32, requires_grad=True)
+    k = randn(1, 2, 9, 16, dtype=torch.float32)
+    v = randn(1, 2, 9, 16, dtype=torch.float32)
+    mask = torch.rand(6, 9, device=DEVICE) > 0.3
+    mask[:, 0] = True
+    mask[2] = False
+    out = tileattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.all(out[:, :, 2] == 0) and not out.isnan().any()
+    out.sum().backward()
+    assert torch.all(q.grad[:, :, 2] == 0)
+
+
+def test_sdpa_fallbacks_warn_and_match_torch():
+    q = randn(1, 2, 7, 16, dtype=torch.float32)
+    k = randn(1, 2, 7, 16, dtype=torch.float32)
+    v = randn(1, 2, 7, 16, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="dropout_p"):
+        torch.manual_seed(1)
+        out = tileattn.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(1)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
+    with pytest.warns(UserWarning, match="float64"):
+        out = tileattn.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True))
+    bias = torch.randn(7, 7, device=DEVICE, requires_grad=True)
+    with pytest.warns(UserWarning, match="requires grad"):
+        out = tileattn.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out.sum().backward()
+    assert bias.grad is not None
+    qb = randn(1, 1, 3, 300, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="head dims"):
+        tileattn.scaled_dot_product_attention(qb, qb, qb)
+
+
+def test_sdpa_errors():
+    q = randn(1, 4, 7, 16, dtype=torch.float32)
+    k = randn(1, 2, 7, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="is_causal"):
+        tileattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(7, 7, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        tileattn.scaled_dot_product_attention(q, k, k)
+    with pytest.raises(TypeError, match="attn_mask"):
+        tileattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(7, 7, dtype=torch.int64))
+    with pytest.raises(TypeError, match="dtype"):
+        tileattn.scaled_dot_product_attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="broadcast"):
+        tileattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 7, dtype=torch.bool))
+    with pytest.raises(TypeError, match="query"):
+        tileattn.scaled_dot_product_attention(q.tolist(), q, q)
