@@ -69,7 +69,8 @@ def _mask_scores(
         d = i_k - i_q - (Nk - Nq)  # key offset from the query's aligned diagonal
         m_ok = m_ok & (d <= right) & (d >= -left)
     if SPARSE:
-        b_em = tl.load(p_emask + (i_q - q0) * BSK + (i_k - k0), mask=m_in & (i_mid >= 0), other=1)
+        m_em = m_in & ((i_q * 0 + i_mid) >= 0)  # (broadcast explicitly: the interpreter rejects scalar & tile)
+        b_em = tl.load(p_emask + (i_q - q0) * BSK + (i_k - k0), mask=m_em, other=1)
         m_ok = m_ok & (b_em != 0)
     if BIAS == 1:
         b_bm = tl.load(p_bias + i_q * sb_m + i_k * sb_n, mask=m_in, other=0)

@@ -36,6 +36,7 @@ def _attn_weights_kernel(
     qk_scale,
     BIAS_KIND: tl.constexpr,
     IEEE: tl.constexpr,
+    D_LOOP: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -52,23 +53,34 @@ def _attn_weights_kernel(
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # slot in the selected rows
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # key index
-    o_d = tl.arange(0, BLOCK_D)
     m_m = o_m < R
     m_n = o_n < NK
-    m_d = o_d < D
     o_r = tl.load(row_ptr + o_m, mask=m_m, other=0)  # actual query row index
 
-    p_q = q_ptr + i_b64 * stride_qb + i_h * stride_qh + o_r[:, None].to(tl.int64) * stride_qn + o_d[None, :]
-    p_k = k_ptr + i_b64 * stride_kb + i_hk * stride_kh + o_n[:, None].to(tl.int64) * stride_kn + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-    b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
-    if UPCAST:
-        b_q = b_q.to(tl.float32)
-        b_k = b_k.to(tl.float32)
-    if IEEE:
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BM, BN]
+    p_q0 = q_ptr + i_b64 * stride_qb + i_h * stride_qh + o_r[:, None].to(tl.int64) * stride_qn
+    p_k0 = k_ptr + i_b64 * stride_kb + i_hk * stride_kh + o_n[:, None].to(tl.int64) * stride_kn
+    if D_LOOP:
+        # fp32 IEEE dots run on FMA units: walk the head dim in BLOCK_D chunks to stay in registers
+        b_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for i_d in range(0, tl.cdiv(D, BLOCK_D)):
+            o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+            m_d = o_d < D
+            b_q = tl.load(p_q0 + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+            b_k = tl.load(p_k0 + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+            b_s = tl.dot(b_q, tl.trans(b_k), b_s, input_precision="ieee")  # [BM, BN]
     else:
-        b_s = tl.dot(b_q, tl.trans(b_k))  # [BM, BN]
+        # the whole (padded) head dim in one tile
+        o_d = tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        b_q = tl.load(p_q0 + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+        b_k = tl.load(p_k0 + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+        if UPCAST:
+            b_q = b_q.to(tl.float32)
+            b_k = b_k.to(tl.float32)
+        if IEEE:
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BM, BN]
+        else:
+            b_s = tl.dot(b_q, tl.trans(b_k))  # [BM, BN]
     b_s = b_s * qk_scale  # log2 units
 
     p_l = lse_ptr + i_b64 * stride_lb + i_h * stride_lh + o_r * stride_ln
@@ -97,13 +109,23 @@ def _attn_weights_kernel(
     tl.store(p_o, b_p.to(o_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-def _config(block_d: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim (a prediction, not tuned on a GPU)."""
-    if block_d <= 64:
-        return 64, 64, 4, 1
-    if block_d <= 128:
-        return 64, 64, 4, 1
-    return 32, 64, 4, 1
+def _config(head_d: int, dtype: torch.dtype, ieee: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_D (head-dim chunk), num_warps, num_stages) for a padded head dim
+    ``head_d`` and dtype, chosen so that no shipped config spills on sm_80 / sm_90 (checked with the AOT
+    resource report; speed is a prediction, not tuned on a GPU). fp32 with IEEE dots runs on FMA units:
+    small tiles and 16-wide head-dim chunks."""
+    if dtype == torch.float32 and ieee:
+        return 32, 32, min(16, head_d), 4, 1
+    if head_d <= 64:
+        return 64, 64, head_d, 4, 1
+    if head_d <= 128:
+        return 64, 64, head_d, 8, 1
+    return 32, 64, head_d, 4, 1
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    # same rule as the fused kernels (kernels/attention.py): fp32 uses TF32 only when torch allows it
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def attention_weights_fwd(
@@ -134,8 +156,8 @@ def attention_weights_fwd(
     out = alloc(B, HS, R, NK, device=q.device, dtype=torch.float32 if round_in_torch else q.dtype)
     if out.numel() == 0:
         return out
-    BLOCK_D = next_pow2(D)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _config(BLOCK_D)
+    ieee = _ieee(q.dtype)
+    BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _config(next_pow2(D), q.dtype, ieee)
     if bias is None:
         kind, b_arg, b_strides = BIAS_NONE, q, (0, 0, 0, 0)
     elif bias.dtype == torch.bool:
@@ -154,7 +176,8 @@ def attention_weights_fwd(
         int(left), int(right),
         float(scale) * LOG2E,
         BIAS_KIND=kind,
-        IEEE=q.dtype == torch.float32,
+        IEEE=ieee,
+        D_LOOP=BLOCK_D < next_pow2(D),
         UPCAST=interpreter_enabled(),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         num_warps=num_warps, num_stages=num_stages,
@@ -163,28 +186,31 @@ def attention_weights_fwd(
 
 
 def aot_specs() -> List[KernelSpec]:
-    """Every shipped configuration of the weights kernel: dtype x padded head dim x bias kind."""
+    """Every shipped configuration of the weights kernel: dtype (fp32 with IEEE and TF32 dots) x padded
+    head dim, without bias, and the bool / float bias variants at head dim 128."""
     specs = []
     ints = ["stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
             "stride_lb", "stride_lh", "stride_ln", "stride_bb", "stride_bh", "stride_bm", "stride_bn",
             "stride_ob", "stride_oh", "stride_om", "HS", "R", "NQ", "NK", "D", "G", "left", "right"]
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    for dtype, ieee in ((torch.float16, False), (torch.bfloat16, False), (torch.float32, True),
+                        (torch.float32, False)):
         for block_d in (64, 128, 256):
             for kind in (BIAS_NONE, BIAS_BOOL, BIAS_FLOAT):
                 if kind != BIAS_NONE and block_d != 128:
                     continue  # the bias variants share the tile shapes; one head dim each is enough
-                bm, bn, nw, ns = _config(block_d)
+                bm, bn, bd, nw, ns = _config(block_d, dtype, ieee)
                 t = ptr_type(dtype)
                 sig = {"q_ptr": t, "k_ptr": t, "lse_ptr": "*fp32",
                        "bias_ptr": {BIAS_NONE: t, BIAS_BOOL: "*u8", BIAS_FLOAT: "*fp32"}[kind],
                        "head_ptr": "*i32", "row_ptr": "*i32", "o_ptr": t}
                 sig.update({n: "i32" for n in ints})
                 sig["qk_scale"] = "fp32"
-                const = {"BIAS_KIND": kind, "IEEE": dtype == torch.float32, "UPCAST": False,
-                         "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d}
+                const = {"BIAS_KIND": kind, "IEEE": ieee, "D_LOOP": bd < block_d, "UPCAST": False,
+                         "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}
                 sig.update({n: "constexpr" for n in const})
+                prec = ("_ieee" if ieee else "_tf32") if dtype == torch.float32 else ""
                 specs.append(KernelSpec(
-                    name=f"attn_weights_{str(dtype).split('.')[-1]}_d{block_d}_bias{kind}",
+                    name=f"attn_weights_{str(dtype).split('.')[-1]}{prec}_d{block_d}_bias{kind}",
                     fn=_attn_weights_kernel, signature=sig, constexprs=const,
                     num_warps=nw, num_stages=ns, tags={"block_d": block_d, "bias": kind},
                 ))

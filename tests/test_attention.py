@@ -6,41 +6,9 @@ import torch
 
 import tileattn
 from tileattn.reference import attention_ref, visible_mask
-from helpers import DEVICE, ON_GPU, assert_close, randn
+from helpers import DEVICE, ON_GPU, assert_close, randn, run_case
 
 DTYPES = [torch.float16, torch.float32, torch.bfloat16]
-
-
-def run_case(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, *, causal=False, window=None, layout="bhnd", scale=None,
-             device=DEVICE, check_grad=True):
-    q = randn(B, Hq, Nq, D, dtype=dtype, device=device, layout=layout, requires_grad=True)
-    k = randn(B, Hkv, Nk, D, dtype=dtype, device=device, layout=layout, requires_grad=True)
-    v = randn(B, Hkv, Nk, Dv, dtype=dtype, device=device, layout=layout, requires_grad=True)
-    out, lse = tileattn.attention(q, k, v, causal=causal, window=window, scale=scale, return_lse=True)
-    assert out.dtype == dtype and out.shape == (B, Hq, Nq, Dv)
-    assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Nq)
-
-    refs = {}
-    for name, upcast in (("64", True), ("lp", False)):
-        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        o, l = attention_ref(qq, kk, vv, causal=causal, window=window, scale=scale, upcast=upcast)
-        refs[name] = (qq, kk, vv, o, l)
-    q64, k64, v64, o64, l64 = refs["64"]
-    qlp, klp, vlp, olp, llp = refs["lp"]
-    assert_close("out", out, o64, olp, dtype=dtype)
-    assert_close("lse", lse, l64, llp, dtype=dtype)
-    if not check_grad:
-        return
-    do = torch.randn_like(out)
-    out.backward(do)
-    o64.backward(do.double())
-    olp.backward(do)
-    for name, ours, r64, rlp in (("dq", q, q64, qlp), ("dk", k, k64, klp), ("dv", v, v64, vlp)):
-        assert ours.grad.dtype == dtype and ours.grad.shape == ours.shape
-        if r64.grad.norm() == 0:  # e.g. a single visible key: softmax is constant
-            assert ours.grad.float().abs().max() < 1e-2, name
-        else:
-            assert_close(name, ours.grad, r64.grad, rlp.grad, dtype=dtype)
 
 
 CASES = [
