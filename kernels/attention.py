@@ -33,15 +33,26 @@ LN2 = 0.6931471805599453
 # is AOT-compiled for sm_80 / sm_90 by the resource report and the spill test (no spills allowed).
 # ----------------------------------------------------------------------------------------------------
 FWD_CONFIGS = {
-    # max head dim (padded) -> list of configs
-    64: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-    256: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+    "sm90": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+             128: [(128, 64, 8, 3), (64, 64, 4, 3)],
+             256: [(64, 32, 4, 2), (32, 32, 4, 2)]},
+    "sm80": {64: [(64, 64, 4, 3), (64, 32, 4, 2)],
+             128: [(64, 32, 4, 2), (32, 32, 4, 2)],
+             256: [(32, 32, 4, 2), (32, 16, 4, 1)]},
+    "fp32": {64: [(32, 32, 4, 2), (16, 16, 4, 1)],
+             128: [(32, 16, 4, 1), (16, 16, 4, 1)],
+             256: [(16, 16, 4, 1)]},
 }
 BWD_CONFIGS = {
-    64: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
-    128: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
-    256: [(32, 64, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)],
+    "sm90": {64: [(64, 64, 4, 2), (32, 64, 4, 2)],
+             128: [(32, 64, 4, 2), (32, 32, 4, 2)],
+             256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+    "sm80": {64: [(64, 64, 4, 2), (32, 32, 4, 2)],
+             128: [(32, 32, 4, 2), (16, 32, 4, 1)],
+             256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+    "fp32": {64: [(32, 32, 4, 1), (16, 16, 4, 1)],
+             128: [(16, 16, 4, 1)],
+             256: [(16, 16, 4, 1)]},
 }
 INTERPRET_CONFIG = (32, 32, 4, 1)
 
@@ -346,23 +357,30 @@ def _prune(configs, named_args, **kwargs):
 _KEY = ["N_BUCKET_Q", "N_BUCKET_K", "D", "DV", "WINDOWED", "SPARSE", "BIAS", "BSQ", "BSK", "PREC"]
 
 
-def _tuned(kernel, table, bucket: int):
-    name = (kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, bucket)
+def _family(dtype: torch.dtype, device: torch.device) -> str:
+    """Config family: fp32 inputs (FMA / tf32 dots) or 16-bit on sm_90+ / earlier GPUs."""
+    if dtype == torch.float32:
+        return "fp32"
+    return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
+
+
+def _tuned(kernel, table, family: str, bucket: int):
+    name = (kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, family, bucket)
     if name not in _TUNED:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in table[bucket]]
+                   for bm, bn, w, s in table[family][bucket]]
         _TUNED[name] = triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
     return _TUNED[name]
 
 
-def _launch(kernel, table, grid_fn, args, meta, bd: int):
+def _launch(kernel, table, grid_fn, args, meta, bd: int, dtype: torch.dtype, device: torch.device):
     """Run ``kernel`` autotuned on GPU, or with the fixed interpreter config on CPU."""
     if interpreter_enabled():
         bm, bn, w, s = INTERPRET_CONFIG
         bm, bn = min(bm, meta["BSQ"]), min(bn, meta["BSK"])
         kernel[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
     else:
-        _tuned(kernel, table, _dim_bucket(bd))[grid_fn](*args, **meta)
+        _tuned(kernel, table, _family(dtype, device), _dim_bucket(bd))[grid_fn](*args, **meta)
 
 
 def _dot_options(dtype: torch.dtype):
@@ -427,7 +445,7 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
             *sb, *sl, Hq, Hq // Hkv, Nq, Nk, scale * LOG2E, left_, right_, seqlen_bucket(Nq), seqlen_bucket(Nk))
     meta = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, WINDOWED=windowed, SPARSE=sparse is not None,
                 BIAS=bias_mode, BSQ=bsq, BSK=bsk, COUNT=count_visits, DOT_F32=dot_f32, PREC=prec)
-    _launch(_attn_fwd, FWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq), args, meta, max(BD, BDV))
+    _launch(_attn_fwd, FWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq), args, meta, max(BD, BDV), q.dtype, q.device)
     return (out, lse, visits) if count_visits else (out, lse)
 
 
@@ -456,13 +474,13 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, r
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), *sb, *sl, *common)
-    _launch(_attn_bwd_dq, BWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq), args, meta, max(BD, BDV))
+    _launch(_attn_bwd_dq, BWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq), args, meta, max(BD, BDV), q.dtype, q.device)
     sp, sl, _, _ = _sparse_args(sparse, B, Hq, True, q)
     args = (q, k, v, do, dk, dv, lse, delta, bias_t, *sp,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *sb, *sl, *common)
-    _launch(_attn_bwd_dkdv, BWD_CONFIGS, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * Hkv), args, meta, max(BD, BDV))
+    _launch(_attn_bwd_dkdv, BWD_CONFIGS, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * Hkv), args, meta, max(BD, BDV), q.dtype, q.device)
     return dq, dk, dv
 
 
@@ -471,6 +489,16 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, r
 # ----------------------------------------------------------------------------------------------------
 _INT_PTRS = ("KV_NUM_F", "KV_IDX_F", "KV_NUM_P", "KV_IDX_P", "KV_MID_P",
              "Q_NUM_F", "Q_IDX_F", "Q_NUM_P", "Q_IDX_P", "Q_MID_P", "VISITS")
+_KERNELS = {"fwd": _attn_fwd, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv}
+# Mask variants a config must compile spill-free in (the heaviest ones), per dtype family.
+_VARIANTS = {
+    "causal": dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30),
+    "sparse": dict(WINDOWED=False, SPARSE=True, BIAS=0, BSQ=128, BSK=128),
+    "bias": dict(WINDOWED=True, SPARSE=False, BIAS=2, BSQ=1 << 30, BSK=1 << 30),
+}
+_FAMILY_DTYPES = {"sm90": (torch.float16, torch.bfloat16), "sm80": (torch.float16, torch.bfloat16),
+                  "fp32": (torch.float32,)}
+_FAMILY_ARCHS = {"sm90": (90,), "sm80": (80,), "fp32": (80, 90)}
 
 
 def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
@@ -502,29 +530,36 @@ def _aligned_args(sig: dict) -> Tuple[str, ...]:
     return tuple(n for n, t in sig.items() if t.startswith("*") or (n.startswith("s_") and t == "i32"))
 
 
+def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, int], variant: str,
+              dtype: Optional[torch.dtype] = None) -> Optional[KernelSpec]:
+    """The KernelSpec of one config of kernel ``tag`` (fwd / bwd_dq / bwd_dkdv) in a mask variant."""
+    bm, bn, w, s = config
+    var = _VARIANTS[variant]
+    if var["SPARSE"] and (bm > var["BSQ"] or bn > var["BSK"]):
+        return None
+    dtype = dtype or _FAMILY_DTYPES[family][-1 if variant == "sparse" else 0]
+    kernel = _KERNELS[tag]
+    cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, BLOCK_M=bm, BLOCK_N=bn,
+              DOT_F32=False, PREC="ieee", **var)
+    if tag == "fwd":
+        cx["COUNT"] = False
+    sig = _signature(kernel, dtype, cx)
+    name = f"attn_{tag}[{family},{variant},{str(dtype)[6:]},d{bucket}] BM{bm} BN{bn} w{w} s{s}"
+    return KernelSpec(name, kernel, sig, cx, w, s, archs=_FAMILY_ARCHS[family],
+                      tags=dict(kernel=tag, family=family, dtype=str(dtype), head_dim=bucket, variant=variant),
+                      divisible_16=_aligned_args(sig))
+
+
 def aot_specs() -> List[KernelSpec]:
-    """Every shipped config of the three kernels, per head-dim bucket, in the heaviest mask variants
-    (causal fp16 / block-sparse bf16 / float-bias fp32)."""
+    """Every shipped config of the three kernels, per family and head-dim bucket, in every mask variant."""
     specs = []
-    variants = [
-        (torch.float16, dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30), "causal"),
-        (torch.bfloat16, dict(WINDOWED=False, SPARSE=True, BIAS=0, BSQ=128, BSK=128), "sparse"),
-        (torch.float32, dict(WINDOWED=False, SPARSE=False, BIAS=2, BSQ=1 << 30, BSK=1 << 30), "float-bias"),
-    ]
-    for kernel, table, tag in ((_attn_fwd, FWD_CONFIGS, "fwd"), (_attn_bwd_dq, BWD_CONFIGS, "bwd_dq"),
-                               (_attn_bwd_dkdv, BWD_CONFIGS, "bwd_dkdv")):
-        for bucket, configs in table.items():
-            for bm, bn, w, s in configs:
-                for dtype, var, vname in variants:
-                    if var["SPARSE"] and (bm > var["BSQ"] or bn > var["BSK"]):
-                        continue
-                    cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, BLOCK_M=bm, BLOCK_N=bn,
-                              DOT_F32=False, PREC="ieee", **var)
-                    if tag == "fwd":
-                        cx["COUNT"] = False
-                    name = f"attn_{tag}[{vname},{str(dtype)[6:]},d{bucket}] BM{bm} BN{bn} w{w} s{s}"
-                    sig = _signature(kernel, dtype, cx)
-                    specs.append(KernelSpec(name, kernel, sig, cx, w, s,
-                                            tags=dict(kernel=tag, dtype=str(dtype), head_dim=bucket, variant=vname),
-                                            divisible_16=_aligned_args(sig)))
+    for tag in _KERNELS:
+        table = FWD_CONFIGS if tag == "fwd" else BWD_CONFIGS
+        for family, buckets in table.items():
+            for bucket, configs in buckets.items():
+                for config in configs:
+                    for variant in _VARIANTS:
+                        spec = make_spec(tag, family, bucket, config, variant)
+                        if spec is not None:
+                            specs.append(spec)
     return specs

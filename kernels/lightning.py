@@ -42,7 +42,8 @@ from .utils import KernelSpec, alloc, interpreter_enabled, next_pow2, ptr_type
 LOG2E = 1.4426950408889634
 
 BLOCK_SIZES = (16, 32, 64, 128)  # chunk lengths the launchers accept
-_STATE_ELEMS = 8192  # cap on the fp32 state tile held in registers ([BD, BV] or [BK, BDV])
+import os as _os
+_STATE_ELEMS = int(_os.environ.get('LA_CAP', '8192'))  # cap on the fp32 state tile held in registers ([BD, BV] or [BK, BDV])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -362,7 +363,7 @@ def _warps(BT: int, BD: int, BDV: int) -> Tuple[int, int]:
 
 
 def _prec(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _check_block(block_size: Optional[int], D: int, DV: int) -> int:

@@ -182,6 +182,9 @@ def compile_spec(spec, arch: int) -> dict:
     signature = {a: signature[a] for a in fn.arg_names}
     # pointers are 16-byte aligned at run time (torch allocations): give the compiler the same hint
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if signature[a].startswith("*")}
+    # plus whatever else the spec says the JIT specialises as a multiple of 16 (e.g. strides)
+    for name in getattr(spec, "divisible_16", ()):
+        attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
     target = GPUTarget("cuda", int(arch), 32)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     t0 = time.perf_counter()
