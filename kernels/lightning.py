@@ -363,7 +363,7 @@ def _warps(BT: int, BD: int, BDV: int) -> Tuple[int, int]:
 
 
 def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _check_block(block_size: Optional[int], D: int, DV: int) -> int:

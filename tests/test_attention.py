@@ -180,3 +180,41 @@ def test_cpu_fallback_without_interpreter_warns_once(monkeypatch):
 )
 def test_attention_gpu(B, Hq, Hkv, Nq, Nk, D, Dv, causal, window, dtype):
     run_case(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, causal=causal, window=window, device="cuda")
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape", [(1, 1, 45, 60), (2, 1, 1, 60), (45, 60)], ids=["11nm", "b1-1m", "nm"])
+def test_mask_tensor_path(kind, shape):
+    """The masked-tile variant used by the SDPA drop-in: a bool (True = attend) or float (added) tensor
+    broadcast to (B, Hq, Nq, Nk), combined with causal; gradients for q, k, v."""
+    from tileattn.attention import _attention
+    from tileattn.reference import _expand_kv
+
+    B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 45, 60, 32
+    q = randn(B, Hq, Nq, D, dtype=torch.float32, requires_grad=True)
+    k = randn(B, Hkv, Nk, D, dtype=torch.float32, requires_grad=True)
+    v = randn(B, Hkv, Nk, D, dtype=torch.float32, requires_grad=True)
+    if kind == "bool":
+        m = torch.rand(*shape, device=DEVICE) > 0.3
+    else:
+        m = torch.randn(*shape, device=DEVICE)
+        m = m.masked_fill(torch.rand(*shape, device=DEVICE) > 0.8, float("-inf"))
+    out, lse = _attention(q, k, v, causal=True, bias=m, return_lse=True)
+    do = torch.randn_like(out)
+    out.backward(do)
+    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = q2 @ _expand_kv(k2, Hq).transpose(-1, -2) / D ** 0.5
+    ok = visible_mask(Nq, Nk, causal=True, device=DEVICE).expand(B, Hq, Nq, Nk)
+    if kind == "bool":
+        ok = ok & m
+    else:
+        s = s + m.double()
+    s = s.masked_fill(~ok, float("-inf"))
+    l2 = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isinf(l2), torch.zeros_like(l2), l2)[..., None])
+    o2 = p @ _expand_kv(v2, Hq)
+    o2.backward(do.double())
+    assert_close("out", out, o2, dtype=torch.float32)
+    assert_close("lse", lse, l2, dtype=torch.float32)
+    for name, a, b in (("dq", q, q2), ("dk", k, k2), ("dv", v, v2)):
+        assert_close(name, a.grad, b.grad, dtype=torch.float32)
