@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "softmax 512..32k, sparse 8k/16k/32k, lightning 1k..128k)")
     p.add_argument("--densities", default=None, help="sparse sweep: random block-layout densities")
     p.add_argument("--modes", default="fwd,bwd,fwdbwd", help="fwd, bwd, fwdbwd")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size for every case (default: 16k / N for softmax and sparse, 1 for lightning)")
+    p.add_argument("--heads", type=int, default=None, help="heads for every case (default: 2048 / D)")
     p.add_argument("--providers", default=None, help="only these providers (comma separated names)")
     p.add_argument("--quick", action="store_true", help="a short sweep (CPU: small interpreter checks)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/out)")
@@ -124,6 +127,15 @@ def _lightning_cases(args, dtypes, modes, quick) -> List:
     return [Case("lightning", 1, H, N, D, dt, True, mode) for dt in dtypes for mode in modes for N in lengths]
 
 
+def _override(case, args):
+    b, h = args.batch, args.heads
+    if args.cpu_timing:
+        b, h = b or 1, h or 2
+    if b or h:
+        case = replace(case, B=b or case.B, H=h or case.H)
+    return case
+
+
 def plan(args, quick: bool) -> List[Tuple[str, str, object]]:
     """Every (sweep, provider, case) task in run order; the dense baselines of the sparse sweep and the
     causal-softmax baselines of the lightning sweep are deduplicated."""
@@ -140,6 +152,7 @@ def plan(args, quick: bool) -> List[Tuple[str, str, object]]:
         if sweep not in builders:
             raise SystemExit(f"unknown op {sweep!r}: expected softmax, sparse or lightning")
         for case in builders[sweep](args, dtypes, modes, quick):
+            case = _override(case, args)
             for pname, op in SWEEP_PROVIDERS[sweep]:
                 if only and pname not in only:
                     continue

@@ -318,7 +318,7 @@ def all_providers() -> Dict[str, Provider]:
 SWEEP_PROVIDERS = {
     "softmax": [("tileattn", "softmax"), ("sdpa-flash", "softmax"), ("sdpa-efficient", "softmax"),
                 ("sdpa-cudnn", "softmax"), ("sdpa-math", "softmax"), ("flex", "softmax"), ("naive", "softmax")],
-    "sparse": [("tileattn", "sparse"), ("flex", "sparse"), ("sdpa-efficient", "sparse"),
+    "sparse": [("tileattn", "sparse"), ("flex", "sparse"), ("sdpa-efficient", "sparse"), ("naive", "sparse"),
                ("tileattn", "softmax"), ("sdpa-flash", "softmax")],
     "lightning": [("tileattn-lightning", "lightning"), ("fla-simple-gla", "lightning"),
                   ("lightning-attn", "lightning"), ("tileattn", "softmax"), ("sdpa-flash", "softmax")],

@@ -31,7 +31,7 @@ No atomics: every output element is written by exactly one program, so results a
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -42,8 +42,6 @@ from .utils import KernelSpec, alloc, interpreter_enabled, next_pow2, ptr_type
 LOG2E = 1.4426950408889634
 
 BLOCK_SIZES = (16, 32, 64, 128)  # chunk lengths the launchers accept
-import os as _os
-_STATE_ELEMS = int(_os.environ.get('LA_CAP', '8192'))  # cap on the fp32 state tile held in registers ([BD, BV] or [BK, BDV])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -345,48 +343,54 @@ def _lightning_decode_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Launch plans (shared by the launchers, the work counter and aot_specs)
 # ----------------------------------------------------------------------------------------------------
-def default_block_size(D: int, DV: int) -> int:
-    """Chunk length used when the caller does not pick one: 64, or 32 for head dims above 128."""
-    return 64 if max(next_pow2(D), next_pow2(DV)) <= 128 else 32
+class Plan(NamedTuple):
+    BT: int  # chunk length
+    BD: int  # padded D
+    BDV: int  # padded Dv
+    BV: int  # Dv slice of the fwd / dv programs (state tile [BD, BV])
+    BK: int  # D slice of the dq / dk programs (state tile [BK, BDV])
+    DEC_BV: int  # Dv slice of the decode programs
+    num_warps: int
+    num_stages: int
+    prec: str  # tl.dot input_precision
 
 
-def _tiles(D: int, DV: int) -> Tuple[int, int, int, int]:
-    """(BD, BDV, BV, BK): padded full dims and the slice widths of the state tiles."""
+def plan(D: int, DV: int, dtype: torch.dtype, block_size: Optional[int] = None) -> Plan:
+    """Tile sizes for head dims (D, Dv) and an input dtype; ``block_size`` overrides the chunk length.
+
+    16-bit inputs: state tiles up to 8192 fp32 elements, chunk 64 for padded head dims <= 64, else 32.
+    fp32 inputs (TF32 dots): state tiles up to 2048 elements, chunk 32 for head dims <= 128, else 16.
+    8 warps, 2 stages. Every default config compiles for sm_80 / sm_90 without spills (see aot_specs)."""
     BD, BDV = next_pow2(D), next_pow2(DV)
-    BV = min(BDV, 64, max(16, _STATE_ELEMS // BD))
-    BK = min(BD, 64, max(16, _STATE_ELEMS // BDV))
-    return BD, BDV, BV, BK
+    wide = max(BD, BDV)
+    if dtype == torch.float32:
+        cap, BT = 2048, (32 if wide <= 128 else 16)
+    else:
+        cap, BT = 8192, (64 if wide <= 64 else 32)
+    if block_size:
+        if block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES} (or None for the default), got {block_size}")
+        BT = int(block_size)
+    BV = min(BDV, 64, max(16, cap // BD))
+    BK = min(BD, 64, max(16, cap // BDV))
+    DEC_BV = min(BDV, max(16, 4096 // BD))
+    prec = "tf32"  # fp32 inputs: TF32 tensor cores (fp32 accumulate); ignored for 16-bit operands
+    return Plan(BT, BD, BDV, BV, BK, DEC_BV, 8, 2, prec)
 
 
-def _warps(BT: int, BD: int, BDV: int) -> Tuple[int, int]:
-    return (8 if BT * max(BD, BDV) >= 64 * 256 else 4), 2
+def lightning_work(N: int, D: int, DV: int, *, B: int = 1, H: int = 1, dtype: torch.dtype = torch.float16,
+                   block_size: Optional[int] = None) -> Dict[str, Tuple[int, int]]:
+    """Work of one forward and one backward as ``{kernel: (programs, chunk-loop trips per program)}``.
+    Every trip does tile work of a fixed size (independent of N), so programs x trips is linear in N.
+    The launchers record the same numbers for what they actually launched in :data:`LAST_LAUNCH`."""
+    p = plan(D, DV, dtype, block_size)
+    NT = triton.cdiv(N, p.BT)
+    nv, nk = triton.cdiv(DV, p.BV), triton.cdiv(D, p.BK)
+    return {"fwd": (nv * B * H, NT), "bwd_dq": (nk * B * H, NT), "bwd_dk": (nk * B * H, NT),
+            "bwd_dv": (nv * B * H, NT)}
 
 
-def _prec(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
-def _check_block(block_size: Optional[int], D: int, DV: int) -> int:
-    if block_size is None or block_size == 0:
-        return default_block_size(D, DV)
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES} (or None for the default), got {block_size}")
-    return int(block_size)
-
-
-def lightning_work(N: int, D: int, DV: int, *, B: int = 1, H: int = 1,
-                   block_size: Optional[int] = None) -> Dict[str, int]:
-    """Work of one forward and one backward, counted as launched programs x chunk-loop trips per kernel
-    (every trip does O(BT * (BT + BD) * BV)-sized tile work, independent of N). Linear in N."""
-    BT = _check_block(block_size, D, DV)
-    BD, BDV, BV, BK = _tiles(D, DV)
-    NT = triton.cdiv(N, BT)
-    nv, nk = triton.cdiv(DV, BV), triton.cdiv(D, BK)
-    return {"fwd": nv * B * H * NT, "bwd_dq": nk * B * H * NT, "bwd_dk": nk * B * H * NT,
-            "bwd_dv": nv * B * H * NT}
-
-
-#: what the launchers last did: kernel name -> (programs launched, chunk-loop trips per program)
+#: what the launchers last launched: kernel name -> (programs, chunk-loop trips per program)
 LAST_LAUNCH: Dict[str, Tuple[int, int]] = {}
 
 
@@ -405,20 +409,18 @@ def lightning_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torc
     final state (B, H, D, Dv) fp32."""
     B, H, N, D = q.shape
     DV = v.shape[-1]
-    BT = _check_block(block_size, D, DV)
-    BD, BDV, BV, BK = _tiles(D, DV)
+    p = plan(D, DV, q.dtype, block_size)
     o = alloc(B, H, N, DV, device=q.device, dtype=q.dtype)
     ht = alloc(B, H, D, DV, device=q.device, dtype=torch.float32)
-    NT = triton.cdiv(N, BT)
-    grid = (triton.cdiv(DV, BV), B * H)
-    nw, ns = _warps(BT, BD, BV)
+    NT = triton.cdiv(N, p.BT)
+    grid = (triton.cdiv(DV, p.BV), B * H)
     _lightning_fwd_kernel[grid](
         q, k, v, rates, h0 if h0 is not None else ht, o, ht,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         float(scale), H, N, D, DV, NT,
-        USE_H0=h0 is not None, BT=BT, BD=BD, BV=BV, DOT_F32=interpreter_enabled(), PREC=_prec(q.dtype),
-        num_warps=nw, num_stages=ns,
+        USE_H0=h0 is not None, BT=p.BT, BD=p.BD, BV=p.BV, DOT_F32=interpreter_enabled(), PREC=p.prec,
+        num_warps=p.num_warps, num_stages=p.num_stages,
     )
     _record("fwd", grid, NT)
     return o, ht
@@ -432,40 +434,34 @@ def lightning_bwd(do: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Tensor
     contiguous or None. Returns dq, dk, dv (contiguous, input dtype) and dh0 (B, H, D, Dv) fp32."""
     B, H, N, D = q.shape
     DV = v.shape[-1]
-    BT = _check_block(block_size, D, DV)
-    BD, BDV, BV, BK = _tiles(D, DV)
-    NT = triton.cdiv(N, BT)
+    p = plan(D, DV, q.dtype, block_size)
+    NT = triton.cdiv(N, p.BT)
     dev, dt = q.device, q.dtype
     dq = alloc(B, H, N, D, device=dev, dtype=dt)
     dk = alloc(B, H, N, D, device=dev, dtype=dt)
     dv = alloc(B, H, N, DV, device=dev, dtype=dt)
     dh0 = alloc(B, H, D, DV, device=dev, dtype=torch.float32)
-    flags = dict(DOT_F32=interpreter_enabled(), PREC=_prec(dt))
+    opts = dict(DOT_F32=interpreter_enabled(), PREC=p.prec, num_warps=p.num_warps, num_stages=p.num_stages)
     so = (do.stride(0), do.stride(1), do.stride(2))
     sq = (q.stride(0), q.stride(1), q.stride(2))
     sk = (k.stride(0), k.stride(1), k.stride(2))
     sv = (v.stride(0), v.stride(1), v.stride(2))
 
-    grid_k = (triton.cdiv(D, BK), B * H)
-    nw, ns = _warps(BT, BK, BDV)
+    grid_k = (triton.cdiv(D, p.BK), B * H)
     _lightning_bwd_dq_kernel[grid_k](
         k, v, do, rates, h0 if h0 is not None else dh0, dq, *sk, *sv, *so,
-        float(scale), H, N, D, DV, NT, USE_H0=h0 is not None, BT=BT, BK=BK, BDV=BDV,
-        num_warps=nw, num_stages=ns, **flags,
+        float(scale), H, N, D, DV, NT, USE_H0=h0 is not None, BT=p.BT, BK=p.BK, BDV=p.BDV, **opts,
     )
     _record("bwd_dq", grid_k, NT)
     _lightning_bwd_dk_kernel[grid_k](
         q, v, do, rates, dht if dht is not None else dh0, dk, *sq, *sv, *so,
-        float(scale), H, N, D, DV, NT, USE_DHT=dht is not None, BT=BT, BK=BK, BDV=BDV,
-        num_warps=nw, num_stages=ns, **flags,
+        float(scale), H, N, D, DV, NT, USE_DHT=dht is not None, BT=p.BT, BK=p.BK, BDV=p.BDV, **opts,
     )
     _record("bwd_dk", grid_k, NT)
-    grid_v = (triton.cdiv(DV, BV), B * H)
-    nw, ns = _warps(BT, BD, BV)
+    grid_v = (triton.cdiv(DV, p.BV), B * H)
     _lightning_bwd_dv_kernel[grid_v](
         q, k, do, rates, dht if dht is not None else dh0, dv, dh0, *sq, *sk, *so,
-        float(scale), H, N, D, DV, NT, USE_DHT=dht is not None, BT=BT, BD=BD, BV=BV,
-        num_warps=nw, num_stages=ns, **flags,
+        float(scale), H, N, D, DV, NT, USE_DHT=dht is not None, BT=p.BT, BD=p.BD, BV=p.BV, **opts,
     )
     _record("bwd_dv", grid_v, NT)
     return dq, dk, dv, dh0
@@ -477,14 +473,14 @@ def lightning_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rat
     contiguous or None. Returns out (B, H, 1, Dv) in q.dtype and the new state (B, H, D, Dv) fp32."""
     B, H, _, D = q.shape
     DV = v.shape[-1]
-    BD, BDV, BV, BK = _tiles(D, DV)
+    p = plan(D, DV, q.dtype)
     o = alloc(B, H, 1, DV, device=q.device, dtype=q.dtype)
     ht = alloc(B, H, D, DV, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(DV, BV), B * H)
+    grid = (triton.cdiv(DV, p.DEC_BV), B * H)
     _lightning_decode_kernel[grid](
         q, k, v, rates, h0 if h0 is not None else ht, o, ht,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        float(scale), H, D, DV, USE_H0=h0 is not None, BD=BD, BV=BV, num_warps=4, num_stages=1,
+        float(scale), H, D, DV, USE_H0=h0 is not None, BD=p.BD, BV=p.DEC_BV, num_warps=4, num_stages=1,
     )
     _record("decode", grid, 1)
     return o, ht
@@ -493,59 +489,59 @@ def lightning_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rat
 # ----------------------------------------------------------------------------------------------------
 # AOT descriptions of the shipped configs
 # ----------------------------------------------------------------------------------------------------
-_AOT_DIMS = ((64, 64), (128, 128), (256, 256), (64, 256), (256, 64), (16, 16))
+# (D, Dv) pairs covering every padded-dim regime of ``plan`` (16-bit: <= 64 / <= 256 wide; fp32: <= 128 /
+# 256 wide), square and rectangular. Other dims pad to one of these tile shapes or a smaller one.
+_AOT_DIMS = {
+    "16bit": ((16, 16), (64, 64), (128, 128), (256, 256), (64, 256), (256, 64)),
+    "fp32": ((64, 64), (128, 128), (256, 256), (64, 256), (256, 64)),
+}
+
+
+def _stride_names(*tensors: str) -> Dict[str, str]:
+    return {f"stride_{t}{x}": "i32" for t in tensors for x in "bhn"}
 
 
 def aot_specs() -> List[KernelSpec]:
-    """Every launcher config for fp16 / bf16 (and fp32 at D = Dv = 128) at the default chunk length, for
-    the padded head dims in ``_AOT_DIMS`` (the remaining dims give the same or smaller tiles)."""
+    """The five kernels at the default plan for fp16 / bf16 / fp32 over ``_AOT_DIMS`` (USE_H0 / USE_DHT
+    on: the heavier variant). Pointers, strides and D / Dv are declared multiples of 16 (what the JIT
+    specialises at run time for contiguous inputs with head dims that are multiples of 16)."""
     specs: List[KernelSpec] = []
-    cases = [(dt, d, dv) for dt in (torch.float16, torch.bfloat16) for d, dv in _AOT_DIMS]
-    cases.append((torch.float32, 128, 128))
-    i32, f32s = "i32", "fp32"
+    cases = [(dt, d, dv) for dt in (torch.float16, torch.bfloat16) for d, dv in _AOT_DIMS["16bit"]]
+    cases += [(torch.float32, d, dv) for d, dv in _AOT_DIMS["fp32"]]
+    scal = {"scale": "fp32", "H": "i32", "N": "i32", "D": "i32", "DV": "i32", "NT": "i32"}
     for dt, D, DV in cases:
-        p, pf = ptr_type(dt), "*fp32"
-        BT = default_block_size(D, DV)
-        BD, BDV, BV, BK = _tiles(D, DV)
-        tag = f"{str(dt).split('.')[-1]}_d{D}_dv{DV}_bt{BT}"
-        prec = _prec(dt)
-        strides = lambda *names: {f"stride_{n}{x}": i32 for n in names for x in "bhn"}  # noqa: E731
-        scal = {"scale": f32s, "H": i32, "N": i32, "D": i32, "DV": i32, "NT": i32}
-        common = {"DOT_F32": False, "PREC": prec}
-
-        sig = {"q": p, "k": p, "v": p, "s": pf, "h0": pf, "o": p, "ht": pf, **strides("q", "k", "v"), **scal,
-               "USE_H0": "constexpr", "BT": "constexpr", "BD": "constexpr", "BV": "constexpr",
-               "DOT_F32": "constexpr", "PREC": "constexpr"}
-        nw, ns = _warps(BT, BD, BV)
-        specs.append(KernelSpec(f"lightning_fwd_{tag}", _lightning_fwd_kernel, sig,
-                                {"USE_H0": True, "BT": BT, "BD": BD, "BV": BV, **common}, nw, ns,
-                                tags={"dtype": str(dt), "D": D, "DV": DV}))
-
-        nw, ns = _warps(BT, BK, BDV)
-        sig = {"k": p, "v": p, "do": p, "s": pf, "h0": pf, "dq": p, **strides("k", "v", "o"), **scal,
-               "USE_H0": "constexpr", "BT": "constexpr", "BK": "constexpr", "BDV": "constexpr",
-               "DOT_F32": "constexpr", "PREC": "constexpr"}
-        specs.append(KernelSpec(f"lightning_bwd_dq_{tag}", _lightning_bwd_dq_kernel, sig,
-                                {"USE_H0": True, "BT": BT, "BK": BK, "BDV": BDV, **common}, nw, ns,
-                                tags={"dtype": str(dt), "D": D, "DV": DV}))
-        sig = {"q": p, "v": p, "do": p, "s": pf, "dht": pf, "dk": p, **strides("q", "v", "o"), **scal,
-               "USE_DHT": "constexpr", "BT": "constexpr", "BK": "constexpr", "BDV": "constexpr",
-               "DOT_F32": "constexpr", "PREC": "constexpr"}
-        specs.append(KernelSpec(f"lightning_bwd_dk_{tag}", _lightning_bwd_dk_kernel, sig,
-                                {"USE_DHT": True, "BT": BT, "BK": BK, "BDV": BDV, **common}, nw, ns,
-                                tags={"dtype": str(dt), "D": D, "DV": DV}))
-        nw, ns = _warps(BT, BD, BV)
-        sig = {"q": p, "k": p, "do": p, "s": pf, "dht": pf, "dv": p, "dh0": pf, **strides("q", "k", "o"),
-               **scal, "USE_DHT": "constexpr", "BT": "constexpr", "BD": "constexpr", "BV": "constexpr",
-               "DOT_F32": "constexpr", "PREC": "constexpr"}
-        specs.append(KernelSpec(f"lightning_bwd_dv_{tag}", _lightning_bwd_dv_kernel, sig,
-                                {"USE_DHT": True, "BT": BT, "BD": BD, "BV": BV, **common}, nw, ns,
-                                tags={"dtype": str(dt), "D": D, "DV": DV}))
-        sig = {"q": p, "k": p, "v": p, "s": pf, "h0": pf, "o": p, "ht": pf,
-               "stride_qb": i32, "stride_qh": i32, "stride_kb": i32, "stride_kh": i32,
-               "stride_vb": i32, "stride_vh": i32, "scale": f32s, "H": i32, "D": i32, "DV": i32,
+        p = plan(D, DV, dt)
+        pt, pf = ptr_type(dt), "*fp32"
+        tag = f"{str(dt).split('.')[-1]}_d{D}_dv{DV}_bt{p.BT}"
+        tags = {"dtype": str(dt).split(".")[-1], "D": D, "DV": DV, "BT": p.BT}
+        flags = {"DOT_F32": False, "PREC": p.prec}
+        kernels = [
+            ("fwd", _lightning_fwd_kernel,
+             {"q": pt, "k": pt, "v": pt, "s": pf, "h0": pf, "o": pt, "ht": pf, **_stride_names("q", "k", "v")},
+             {"USE_H0": True, "BT": p.BT, "BD": p.BD, "BV": p.BV}),
+            ("bwd_dq", _lightning_bwd_dq_kernel,
+             {"k": pt, "v": pt, "do": pt, "s": pf, "h0": pf, "dq": pt, **_stride_names("k", "v", "o")},
+             {"USE_H0": True, "BT": p.BT, "BK": p.BK, "BDV": p.BDV}),
+            ("bwd_dk", _lightning_bwd_dk_kernel,
+             {"q": pt, "v": pt, "do": pt, "s": pf, "dht": pf, "dk": pt, **_stride_names("q", "v", "o")},
+             {"USE_DHT": True, "BT": p.BT, "BK": p.BK, "BDV": p.BDV}),
+            ("bwd_dv", _lightning_bwd_dv_kernel,
+             {"q": pt, "k": pt, "do": pt, "s": pf, "dht": pf, "dv": pt, "dh0": pf, **_stride_names("q", "k", "o")},
+             {"USE_DHT": True, "BT": p.BT, "BD": p.BD, "BV": p.BV}),
+        ]
+        for name, fn, sig, cx in kernels:
+            cx = {**cx, **flags}
+            sig = {**sig, **scal, **{c: "constexpr" for c in cx}}
+            div16 = tuple(a for a, t in sig.items() if t.startswith("*") or a.startswith("stride_")
+                          or a in ("D", "DV"))
+            specs.append(KernelSpec(f"lightning_{name}_{tag}", fn, sig, cx, p.num_warps, p.num_stages,
+                                    tags=tags, divisible_16=div16))
+        sig = {"q": pt, "k": pt, "v": pt, "s": pf, "h0": pf, "o": pt, "ht": pf,
+               "stride_qb": "i32", "stride_qh": "i32", "stride_kb": "i32", "stride_kh": "i32",
+               "stride_vb": "i32", "stride_vh": "i32", "scale": "fp32", "H": "i32", "D": "i32", "DV": "i32",
                "USE_H0": "constexpr", "BD": "constexpr", "BV": "constexpr"}
+        div16 = tuple(a for a, t in sig.items() if t.startswith("*") or a.startswith("stride_") or a in ("D", "DV"))
         specs.append(KernelSpec(f"lightning_decode_{tag}", _lightning_decode_kernel, sig,
-                                {"USE_H0": True, "BD": BD, "BV": BV}, 4, 1,
-                                tags={"dtype": str(dt), "D": D, "DV": DV}))
+                                {"USE_H0": True, "BD": p.BD, "BV": p.DEC_BV}, 4, 1, tags=tags,
+                                divisible_16=div16))
     return specs

@@ -115,7 +115,8 @@ def _attention_bwd_op(
 
 @_attention_bwd_op.register_fake
 def _(do, q, k, v, out, lse, dlse, bias, sparse, scale, left, right):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the kernels allocate contiguous gradients (strided views of a packed qkv must not leak into the fake)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
