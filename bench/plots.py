@@ -81,8 +81,11 @@ def plot_softmax(rows: Sequence[dict], out: str) -> List[str]:
                 ax.set_xticks(ns)
                 ax.set_xticklabels([_len_label(n) for n in ns])
                 hd = sub[0]
+                bs = {r["B"] for r in sub}
+                bl = "B=16k/N" if all(r["B"] == max(1, 16384 // r["N"]) for r in sub) and len(bs) > 1 else \
+                    "B=" + "/".join(str(b) for b in sorted(bs))
                 ax.set_title(f"{mode} {'causal' if causal else 'non-causal'} D={D} {dtype} "
-                             f"(H={hd['H']}, B=16k/N)", fontsize=10)
+                             f"(H={hd['H']}, {bl})", fontsize=10)
                 ax.set_xlabel("sequence length N")
                 ax.set_ylabel(ylabel)
                 ax.grid(alpha=0.3)

@@ -39,6 +39,9 @@ FWD_CONFIGS = {
     "sm80": {64: [(64, 64, 4, 3), (64, 32, 4, 2)],
              128: [(64, 32, 4, 2), (32, 32, 4, 2)],
              256: [(32, 32, 4, 2), (32, 16, 4, 1)]},
+    "mask": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
+             128: [(32, 32, 4, 2), (16, 16, 4, 1)],
+             256: [(16, 16, 4, 1)]},
     "fp32": {64: [(32, 32, 4, 2), (16, 16, 4, 1)],
              128: [(32, 16, 4, 1), (16, 16, 4, 1)],
              256: [(16, 16, 4, 1)]},
@@ -50,6 +53,9 @@ BWD_CONFIGS = {
     "sm80": {64: [(64, 64, 4, 2), (32, 32, 4, 2)],
              128: [(32, 32, 4, 2), (16, 32, 4, 1)],
              256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+    "mask": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
+             128: [(16, 32, 4, 1), (16, 16, 4, 1)],
+             256: [(16, 16, 4, 1)]},
     "fp32": {64: [(32, 32, 4, 1), (16, 16, 4, 1)],
              128: [(16, 16, 4, 1)],
              256: [(16, 16, 4, 1)]},
@@ -357,10 +363,13 @@ def _prune(configs, named_args, **kwargs):
 _KEY = ["N_BUCKET_Q", "N_BUCKET_K", "D", "DV", "WINDOWED", "SPARSE", "BIAS", "BSQ", "BSK", "PREC"]
 
 
-def _family(dtype: torch.dtype, device: torch.device) -> str:
-    """Config family: fp32 inputs (FMA / tf32 dots) or 16-bit on sm_90+ / earlier GPUs."""
+def _family(dtype: torch.dtype, device: torch.device, bias_mode: int) -> str:
+    """Config family: fp32 inputs (FMA / tf32 dots), 16-bit with a mask tensor (its tile loads need
+    smaller tiles), or 16-bit on sm_90+ / earlier GPUs."""
     if dtype == torch.float32:
         return "fp32"
+    if bias_mode:
+        return "mask"
     return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
 
 
@@ -380,7 +389,7 @@ def _launch(kernel, table, grid_fn, args, meta, bd: int, dtype: torch.dtype, dev
         bm, bn = min(bm, meta["BSQ"]), min(bn, meta["BSK"])
         kernel[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
     else:
-        _tuned(kernel, table, _family(dtype, device), _dim_bucket(bd))[grid_fn](*args, **meta)
+        _tuned(kernel, table, _family(dtype, device, meta["BIAS"]), _dim_bucket(bd))[grid_fn](*args, **meta)
 
 
 def _dot_options(dtype: torch.dtype):
@@ -490,15 +499,17 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, r
 _INT_PTRS = ("KV_NUM_F", "KV_IDX_F", "KV_NUM_P", "KV_IDX_P", "KV_MID_P",
              "Q_NUM_F", "Q_IDX_F", "Q_NUM_P", "Q_IDX_P", "Q_MID_P", "VISITS")
 _KERNELS = {"fwd": _attn_fwd, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv}
-# Mask variants a config must compile spill-free in (the heaviest ones), per dtype family.
+# Mask variants a config must compile spill-free in (the heaviest ones), per config family.
 _VARIANTS = {
     "causal": dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30),
     "sparse": dict(WINDOWED=False, SPARSE=True, BIAS=0, BSQ=128, BSK=128),
     "bias": dict(WINDOWED=True, SPARSE=False, BIAS=2, BSQ=1 << 30, BSK=1 << 30),
 }
+_FAMILY_VARIANTS = {"sm90": ("causal", "sparse"), "sm80": ("causal", "sparse"), "mask": ("bias",),
+                    "fp32": ("causal", "sparse", "bias")}
 _FAMILY_DTYPES = {"sm90": (torch.float16, torch.bfloat16), "sm80": (torch.float16, torch.bfloat16),
-                  "fp32": (torch.float32,)}
-_FAMILY_ARCHS = {"sm90": (90,), "sm80": (80,), "fp32": (80, 90)}
+                  "mask": (torch.float16, torch.bfloat16), "fp32": (torch.float32,)}
+_FAMILY_ARCHS = {"sm90": (90,), "sm80": (80,), "mask": (80, 90), "fp32": (80, 90)}
 
 
 def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
@@ -558,7 +569,7 @@ def aot_specs() -> List[KernelSpec]:
         for family, buckets in table.items():
             for bucket, configs in buckets.items():
                 for config in configs:
-                    for variant in _VARIANTS:
+                    for variant in _FAMILY_VARIANTS[family]:
                         spec = make_spec(tag, family, bucket, config, variant)
                         if spec is not None:
                             specs.append(spec)

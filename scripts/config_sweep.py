@@ -17,7 +17,7 @@ CANDIDATES = {
             (16, 16, 4, 1)],
     "bwd": [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1)],
 }
-FP32_CANDIDATES = [(32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
+SMALL_CANDIDATES = [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)]
 
 
 def _job(args):
@@ -34,19 +34,20 @@ def _job(args):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kernels", default="fwd,bwd_dq,bwd_dkdv")
-    ap.add_argument("--families", default="sm90,sm80,fp32")
+    ap.add_argument("--families", default="sm90,sm80,mask,fp32")
     ap.add_argument("--buckets", default="64,128,256")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     a = ap.parse_args(argv)
-    from tileattn.kernels.attention import _FAMILY_ARCHS, _VARIANTS
+    from tileattn.kernels.attention import _FAMILY_ARCHS, _FAMILY_VARIANTS
 
     jobs = []
     for tag in a.kernels.split(","):
         for family in a.families.split(","):
             for bucket in map(int, a.buckets.split(",")):
-                cands = FP32_CANDIDATES if family == "fp32" else CANDIDATES["fwd" if tag == "fwd" else "bwd"]
+                cands = (SMALL_CANDIDATES if family in ("fp32", "mask")
+                         else CANDIDATES["fwd" if tag == "fwd" else "bwd"])
                 for config in cands:
-                    for variant in _VARIANTS:
+                    for variant in _FAMILY_VARIANTS[family]:
                         for arch in _FAMILY_ARCHS[family]:
                             jobs.append((tag, family, bucket, config, variant, arch))
     bad = set()
