@@ -45,7 +45,41 @@ def _sdpa_4d(
     causal, window = False, None
     if is_causal:
         k, v, causal, window = _topleft_causal(q.shape[2], k.shape[2], k, v)
-    return _attention(q, k, v, causal=causal, window=window, bias=bias, scale=scale, return_lse=return_lse)
+    block_mask = _sparse_block_mask(bias, q, k)
+    if block_mask is not None:
+        bias = None
+    return _attention(q, k, v, causal=causal, window=window, block_mask=block_mask, bias=bias, scale=scale,
+                      return_lse=return_lse)
+
+
+# A boolean mask this large whose blocks are at least this empty runs as a BlockMask (empty blocks skipped).
+SPARSE_MIN_ELEMENTS = 1 << 20
+SPARSE_MIN_EMPTY = 0.25
+SPARSE_BLOCK = 128
+
+
+def _sparse_block_mask(bias: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor):
+    """A :class:`tileattn.BlockMask` for a large boolean mask with many empty blocks, else None (the
+    masked-tile path). Eager only: building the lists reads the mask on the host side of the call, which
+    torch.compile cannot trace, so compiled graphs keep the masked-tile path."""
+    if bias is None or bias.dtype != torch.bool or torch.compiler.is_compiling():
+        return None
+    nq, nk = bias.shape[-2], bias.shape[-1]
+    if nq * nk < SPARSE_MIN_ELEMENTS or nk != k.shape[2] or nq != q.shape[2]:
+        return None
+    m = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    m = m[: (1 if m.stride(0) == 0 else m.shape[0]), : (1 if m.stride(1) == 0 else m.shape[1])]
+    bs = SPARSE_BLOCK
+    pq, pk = (-nq) % bs, (-nk) % bs
+    blocks = F.pad(m, (0, pk, 0, pq)).reshape(m.shape[0], m.shape[1], (nq + pq) // bs, bs, (nk + pk) // bs, bs)
+    occupied = blocks.any(dim=5).any(dim=3)
+    if 1.0 - occupied.float().mean().item() < SPARSE_MIN_EMPTY:
+        return None
+    from tileattn.block_mask import create_block_mask
+
+    Bm, Hm = m.shape[0], m.shape[1]
+    return create_block_mask(lambda b, h, qi, ki: m[b if Bm > 1 else 0, h if Hm > 1 else 0, qi, ki],
+                             Bm if Bm > 1 else None, Hm if Hm > 1 else None, nq, nk, block_size=bs, device=q.device)
 
 
 def _fallback_reason(query, key, value, attn_mask, dropout_p) -> Optional[str]:

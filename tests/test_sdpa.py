@@ -181,3 +181,26 @@ def test_sdpa_errors():
         tileattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 7, dtype=torch.bool))
     with pytest.raises(TypeError, match="query"):
         tileattn.scaled_dot_product_attention(q.tolist(), q, q)
+
+
+def test_large_sparse_bool_mask_runs_as_block_mask(monkeypatch):
+    """A large boolean mask with mostly empty blocks runs on the block-sparse path (empty blocks skipped)
+    and still equals torch."""
+    import tileattn.block_mask as bmod
+
+    calls = []
+    orig = bmod.create_block_mask
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(bmod, "create_block_mask", spy)
+    n = 1024
+    doc = torch.arange(n, device=DEVICE) // 256
+    mask = (doc[:, None] == doc[None, :])[None, None]  # 4 documents: 75% of blocks empty
+    q, k, v = (torch.randn(1, 1, n, 16, device=DEVICE) for _ in range(3))
+    out = tileattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert calls, "block-sparse path not taken"
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5
