@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from dataclasses import replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from bench.env import REPO, device_slug, env_info, on_cuda, timestamp
 
@@ -50,7 +50,7 @@ def _csv_list(text: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--ops", default="softmax,sparse,lightning",
                    help="sweeps to run: softmax, sparse (time vs block density), lightning (time vs length)")
     p.add_argument("--dtypes", default="bf16", help="bf16, fp16, fp32 (comma separated)")
@@ -215,8 +215,6 @@ def _fmt_row(r: dict) -> str:
 
 
 def run_sweep(args, quick: bool, out: str) -> List[dict]:
-    import torch
-
     from bench import measure as M
     from bench.providers import all_providers, series_name
 
@@ -246,8 +244,13 @@ def run_sweep(args, quick: bool, out: str) -> List[dict]:
     t0 = time.perf_counter()
     index = {row_key(r): i for i, r in enumerate(rows)}
     try:
+        last_mask = None
         for i, (sweep, pname, case) in enumerate(tasks, 1):
             p = providers[pname]
+            if case.op == "sparse" and (case.N, case.mask) != last_mask:
+                M.MASKS.clear()  # dense masks are large: keep only the current case's
+                M.free_memory()
+                last_mask = (case.N, case.mask)
             row = M.base_row(series_name(pname, sweep, case.op), case, sweep)
             row["provider_id"] = pname
             if pname in notes:
@@ -264,14 +267,16 @@ def run_sweep(args, quick: bool, out: str) -> List[dict]:
             if why:
                 row.update(status="skip", note=why)
             else:
-                gk = (pname,) + case.small().key() + (case.mode != "fwd",)
+                gk = (pname,) + case.key() + (case.mode != "fwd",)
                 if gk not in gates:
                     gates[gk] = M.gate(p, case, device)
                     M.free_memory()
                 g = gates[gk]
                 row["gate_err"] = None if g.err != g.err else round(g.err, 4)
                 row["kernels"] = ";".join(g.kernels)
-                if not g.ok:
+                if g.raised:
+                    row.update(status="error" if p.ours else "skip", note=f"not supported here: {g.detail}")
+                elif not g.ok:
                     row.update(status="fail", note=f"correctness gate failed: {g.detail}")
                 elif p.ours and on_cuda() and not g.kernels:
                     row.update(status="skip", note="no Triton kernel launched (PyTorch fallback path); not timed")
@@ -305,7 +310,6 @@ def run_sweep(args, quick: bool, out: str) -> List[dict]:
     M.MASKS.clear()
     meta["finished"] = timestamp()
     write_results(out, rows, meta)
-    del torch
     return rows
 
 

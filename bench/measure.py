@@ -16,7 +16,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -64,9 +64,10 @@ class Case:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def small(self) -> "Case":
-        """The correctness-gate version of this case (same flags, small shape)."""
-        n = 257 if self.op != "sparse" else 520
+    def small(self, n: Optional[int] = None) -> "Case":
+        """The correctness-gate version of this case (same flags, small shape; N not a block multiple unless
+        ``n`` says otherwise)."""
+        n = n or (257 if self.op != "sparse" else 520)
         return replace(self, B=1, H=2, N=n, mode="fwdbwd" if self.mode != "fwd" else "fwd")
 
     def key(self) -> tuple:
@@ -262,6 +263,7 @@ def count_triton_launches():
 @dataclass
 class GateResult:
     ok: bool
+    raised: bool = False  # the provider raised (unsupported config or a bug), as opposed to a wrong answer
     err: float = float("nan")  # worst err / tol ratio over the checked tensors
     detail: str = ""
     kernels: Tuple[str, ...] = ()
@@ -284,7 +286,7 @@ def _reference(case: Case, inp: Inputs, upcast: bool):
 def gate(provider, case: Case, device, small: Optional[Case] = None) -> GateResult:
     """Run ``provider`` at ``small`` (default: the small version of ``case``) and compare to the float64
     reference (output, and dq/dk/dv when the case has a backward). Records which Triton kernels launched."""
-    small = case.small() if small is None else small
+    small = case.small(getattr(provider, "gate_n", None)) if small is None else small
     with_bwd = small.mode != "fwd"
     inp = make_inputs(small, device, requires_grad=with_bwd, seed=17)
     if provider.scale is not None:
@@ -297,7 +299,7 @@ def gate(provider, case: Case, device, small: Optional[Case] = None) -> GateResu
             grads = torch.autograd.grad(out, [inp.q, inp.k, inp.v], do) if with_bwd else ()
     except Exception as e:  # an unsupported config or a broken provider: not timed
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        return GateResult(False, detail=f"gate raised {type(e).__name__}: {msg}")
+        return GateResult(False, raised=True, detail=f"gate raised {type(e).__name__}: {msg}")
     kernels = tuple(sorted(set(names)))
     worst, lines = 0.0, []
     ref64 = _reference(small, inp, upcast=True)
@@ -316,7 +318,7 @@ def gate(provider, case: Case, device, small: Optional[Case] = None) -> GateResu
         worst = max(worst, err / tol)
         lines.append(f"{name} {err:.2e}/{tol:.2e}")
     ok = worst <= 1.0
-    return GateResult(ok, worst, ", ".join(lines), kernels)
+    return GateResult(ok, err=worst, detail=", ".join(lines), kernels=kernels)
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -398,7 +400,7 @@ def measure(provider, case: Case, device, warmup: int = 25, rep: int = 100) -> d
             for t in built0.leaves:
                 t.grad = None
         else:
-            res["peak_mem_mb"] = res["extra_mem_mb"] = float("nan")
+            res["peak_mem_mb"] = res["extra_mem_mb"] = None
         sets = [built0] + [provider.build(case, make_inputs(case, device, requires_grad=bwd, seed=s), MASKS,
                                           for_gate=False) for s in range(1, n_rotation_sets(case))]
         res["sets"] = len(sets)
@@ -450,6 +452,3 @@ def case_flops(case: Case, density: Optional[float]) -> Tuple[float, str]:
     d = 1.0 if density is None else density
     return softmax_flops(case.B, case.H, case.N, case.D, case.dv, case.mode, case.causal, d), SOFTMAX_RULE
 
-
-def as_dict(case: Case) -> dict:
-    return asdict(case)

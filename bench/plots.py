@@ -196,7 +196,7 @@ def plot_bars(labels: Sequence[str], series: Dict[str, Sequence[float]], title: 
     """Horizontal grouped bar chart (used for the resource report and the correctness sweep)."""
     n = len(labels)
     k = max(1, len(series))
-    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.28 * n * k + 1.2)))
+    fig, ax = plt.subplots(figsize=(11, max(2.5, 0.28 * n * k + 1.2)))
     h = 0.8 / k
     for j, (name, vals) in enumerate(series.items()):
         ax.barh([i + j * h for i in range(n)], vals, height=h, label=name, color=_COLORS[j % len(_COLORS)])

@@ -154,7 +154,7 @@ class SDPA(Provider):
             if need > 0.6 * _free_bytes():
                 return f"math backend would need ~{need / 2**30:.0f} GiB for the N×N scores"
         if case.op == "sparse":
-            need = case.H * case.N * case.N  # the (1, H, N, N) bool mask
+            need = case.H * case.N * case.N * 3  # the (1, H, N, N) bool mask and its additive float form
             if need > 0.3 * _free_bytes():
                 return f"dense mask would need ~{need / 2**30:.0f} GiB"
         return None
@@ -184,6 +184,7 @@ class Flex(Provider):
 
     name = "flex"
     ops = ("softmax", "sparse")
+    gate_n = 256  # gate at a block multiple (FlexAttention's own tests use multiples of 128)
 
     def unavailable(self):
         if not on_cuda():
@@ -197,8 +198,17 @@ class Flex(Provider):
     @staticmethod
     def _compiled():
         if "fn" not in _FLEX:
+            import torch._dynamo
             from torch.nn.attention.flex_attention import flex_attention
 
+            # one compile per shape / mask: the sweep needs more than dynamo's default 8 recompiles, and
+            # hitting the limit must raise, never silently fall back to eager (unfused) flex_attention
+            cfg = torch._dynamo.config
+            cfg.cache_size_limit = max(getattr(cfg, "cache_size_limit", 8), 512)
+            if hasattr(cfg, "accumulated_cache_size_limit"):
+                cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4096)
+            if hasattr(cfg, "fail_on_recompile_limit_hit"):
+                cfg.fail_on_recompile_limit_hit = True
             _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
         return _FLEX["fn"]
 

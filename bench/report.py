@@ -127,7 +127,8 @@ def render_summary(rows: Sequence[dict], image_dir: Optional[str] = None, detail
     if not ok:
         return "No timed measurements in this results file (timings need a GPU).\n"
     r0 = ok[0]
-    head = (f"Measured on **{r0.get('device')}** ({r0.get('capability', '')}), torch {r0.get('torch')}, "
+    cap = f" ({r0['capability']})" if r0.get("capability") else ""
+    head = (f"Measured on **{r0.get('device')}**{cap}, torch {r0.get('torch')}, "
             f"triton {r0.get('triton')}, CUDA {r0.get('cuda')}, tileattn {r0.get('tileattn')} "
             f"(commit {r0.get('commit') or '?'}), {min(r['time'] for r in ok)[:10]}. Medians of "
             "`triton.testing.do_bench`. Ratios: tileattn TFLOP/s / other TFLOP/s (> 1: tileattn faster); "
@@ -147,7 +148,6 @@ def render_summary(rows: Sequence[dict], image_dir: Optional[str] = None, detail
 
 
 def _pngs_for(rows):
-    sweeps = {r["sweep"] for r in _ok(rows)}
     names = []
     for r in _ok(rows):
         if r["sweep"] == "softmax":
@@ -156,7 +156,6 @@ def _pngs_for(rows):
             names.append(f"sparse_time_vs_density_{r['mode']}_{r['dtype']}.png")
         elif r["sweep"] == "lightning":
             names.append(f"lightning_time_vs_length_{r['dtype']}.png")
-    del sweeps
     return names
 
 

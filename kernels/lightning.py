@@ -14,7 +14,8 @@ state at the end of the previous chunk)::
 
 Every decay factor is ``exp2(-s * log2(e) * n)`` with ``n >= 0`` (exponents are never positive, so large
 ``s * BT`` underflows to 0 instead of overflowing, and there is no ``0 * inf``). The state is kept in fp32;
-dot operands are rounded to the input dtype (tensor cores on GPU; fp32 inputs use full-precision dots).
+dot operands are rounded to the input dtype (tensor cores on GPU; fp32 inputs use TF32 dots). For fp16 the
+state is scaled by a power of two before its dots (``_state_mm``) so it cannot overflow fp16's range.
 
 Kernels (each program owns one (batch, head) and loops over the chunks sequentially, so the work is
 ``B * H * cdiv(N, BT)`` chunk steps: linear in N):
@@ -58,6 +59,16 @@ def _mm(a, b, DOT_F32: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _state_mm(a, b_h, DT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    """fp32 ``a @ b_h`` for an fp32 state tile ``b_h`` and ``a`` in the 16-bit input dtype ``DT``, safe
+    for any state magnitude: the state is scaled by a power of two (exact) so that its largest entry lies in
+    [1, 2), rounded to ``DT`` for the tensor-core dot, and the product is scaled back in fp32. Used for
+    fp16, whose range (65504) a long undecayed state can exceed (bf16 has fp32's range)."""
+    b_e = tl.floor(tl.log2(tl.maximum(tl.max(tl.max(tl.abs(b_h), axis=1), axis=0), 1e-30)))
+    return _mm(a, (b_h * tl.exp2(-b_e)).to(DT), DOT_F32, PREC) * tl.exp2(b_e)
+
+
+@triton.jit
 def _decay_mask(b_s, BT: tl.constexpr, TRANS: tl.constexpr):
     """Intra-chunk decay mask, ``b_s`` = rate * log2(e) (fp32 scalar, >= 0): M[i, j] = lambda^(i-j) for
     i >= j else 0 [BT, BT], or its transpose with ``TRANS``. Exponents are clamped to <= 0."""
@@ -90,7 +101,7 @@ def _lightning_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     scale, H, N, D, DV, NT,
     USE_H0: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    SCALED: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -130,7 +141,10 @@ def _lightning_fwd_kernel(
         b_qk = _mm(b_q, tl.trans(b_k), DOT_F32, PREC) * b_m  # [BT, BT]
         b_o = _mm(b_qk.to(DT), b_v, DOT_F32, PREC)  # [BT, BV]
         # inter-chunk: (lambda^(i+1) Q) S
-        b_o += _mm((b_q * b_qdec[:, None]).to(DT), b_h.to(DT), DOT_F32, PREC)  # [BT, BV]
+        if SCALED:
+            b_o += _state_mm(b_q, b_h, DT, DOT_F32, PREC) * b_qdec[:, None]  # [BT, BV]
+        else:
+            b_o += _mm((b_q * b_qdec[:, None]).to(DT), b_h.to(DT), DOT_F32, PREC)  # [BT, BV]
         p_o = p_o0 + (t0 + o_t[:, None]).to(tl.int64) * DV + o_v[None, :]
         tl.store(p_o, (b_o * scale).to(DT), mask=m_t[:, None] & m_v[None, :])
         # state: S' = lambda^L S + (lambda^(L-1-j) K)^T V
@@ -150,7 +164,7 @@ def _lightning_bwd_dq_kernel(
     stride_ob, stride_oh, stride_on,
     scale, H, N, D, DV, NT,
     USE_H0: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    SCALED: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     # dq_t = scale * dO_t S_t^T: forward sweep over the state rows [BK] (all Dv columns)
     i_k, i_bh = tl.program_id(0), tl.program_id(1)
@@ -190,7 +204,10 @@ def _lightning_bwd_dq_kernel(
         b_dov = _mm(b_do, tl.trans(b_v), DOT_F32, PREC) * b_m  # [BT, BT]
         b_dq = _mm(b_dov.to(DT), b_k, DOT_F32, PREC)  # [BT, BK]
         # inter: (lambda^(i+1) dO) S^T
-        b_dq += _mm((b_do * b_qdec[:, None]).to(DT), tl.trans(b_h.to(DT)), DOT_F32, PREC)  # [BT, BK]
+        if SCALED:
+            b_dq += _state_mm(b_do, tl.trans(b_h), DT, DOT_F32, PREC) * b_qdec[:, None]  # [BT, BK]
+        else:
+            b_dq += _mm((b_do * b_qdec[:, None]).to(DT), tl.trans(b_h.to(DT)), DOT_F32, PREC)  # [BT, BK]
         p_dq = p_dq0 + (t0 + o_t[:, None]).to(tl.int64) * D + o_k[None, :]
         tl.store(p_dq, (b_dq * scale).to(DT), mask=m_t[:, None] & m_k[None, :])
         b_h = b_h * b_ldec + _mm(tl.trans((b_k * b_kdec[:, None]).to(DT)), b_v, DOT_F32, PREC)  # [BK, BDV]
@@ -204,7 +221,7 @@ def _lightning_bwd_dk_kernel(
     stride_ob, stride_oh, stride_on,
     scale, H, N, D, DV, NT,
     USE_DHT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    SCALED: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     # dk_j = v_j G_j^T with G_j = dLoss/dS_j: reverse sweep over the dstate rows [BK] (all Dv columns).
     i_k, i_bh = tl.program_id(0), tl.program_id(1)
@@ -245,7 +262,10 @@ def _lightning_bwd_dk_kernel(
         b_vdo = _mm(b_v, tl.trans(b_do), DOT_F32, PREC) * b_mt  # [BT, BT]
         b_dk = _mm(b_vdo.to(DT), b_q, DOT_F32, PREC) * scale  # [BT, BK]
         # inter: (lambda^(L-1-j) V) G^T
-        b_dk += _mm((b_v * b_kdec[:, None]).to(DT), tl.trans(b_g.to(DT)), DOT_F32, PREC)  # [BT, BK]
+        if SCALED:
+            b_dk += _state_mm(b_v, tl.trans(b_g), DT, DOT_F32, PREC) * b_kdec[:, None]  # [BT, BK]
+        else:
+            b_dk += _mm((b_v * b_kdec[:, None]).to(DT), tl.trans(b_g.to(DT)), DOT_F32, PREC)  # [BT, BK]
         p_dk = p_dk0 + (t0 + o_t[:, None]).to(tl.int64) * D + o_k[None, :]
         tl.store(p_dk, b_dk.to(DT), mask=m_t[:, None] & m_k[None, :])
         # G <- lambda^L G + scale * (lambda^(i+1) Q)^T dO
@@ -260,7 +280,7 @@ def _lightning_bwd_dv_kernel(
     stride_ob, stride_oh, stride_on,
     scale, H, N, D, DV, NT,
     USE_DHT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    SCALED: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     # dv_j = k_j G_j: reverse sweep over the dstate columns [BV] (all D rows); dh0 = G after chunk 0
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -301,7 +321,10 @@ def _lightning_bwd_dv_kernel(
         b_kq = _mm(b_k, tl.trans(b_q), DOT_F32, PREC) * b_mt  # [BT, BT]
         b_dv = _mm(b_kq.to(DT), b_do, DOT_F32, PREC) * scale  # [BT, BV]
         # inter: (lambda^(L-1-j) K) G
-        b_dv += _mm((b_k * b_kdec[:, None]).to(DT), b_g.to(DT), DOT_F32, PREC)  # [BT, BV]
+        if SCALED:
+            b_dv += _state_mm(b_k, b_g, DT, DOT_F32, PREC) * b_kdec[:, None]  # [BT, BV]
+        else:
+            b_dv += _mm((b_k * b_kdec[:, None]).to(DT), b_g.to(DT), DOT_F32, PREC)  # [BT, BV]
         p_dv = p_dv0 + (t0 + o_t[:, None]).to(tl.int64) * DV + o_v[None, :]
         tl.store(p_dv, b_dv.to(DT), mask=m_t[:, None] & m_v[None, :])
         b_g = b_g * b_ldec + _mm(tl.trans((b_q * b_qdec[:, None]).to(DT)), b_do, DOT_F32, PREC) * scale
@@ -353,18 +376,22 @@ class Plan(NamedTuple):
     num_warps: int
     num_stages: int
     prec: str  # tl.dot input_precision
+    scaled: bool  # power-of-two scaling of the state before its 16-bit dots
 
 
 def plan(D: int, DV: int, dtype: torch.dtype, block_size: Optional[int] = None) -> Plan:
     """Tile sizes for head dims (D, Dv) and an input dtype; ``block_size`` overrides the chunk length.
 
-    16-bit inputs: state tiles up to 8192 fp32 elements, chunk 64 for padded head dims <= 64, else 32.
-    fp32 inputs (TF32 dots): state tiles up to 2048 elements, chunk 32 for head dims <= 128, else 16.
+    bf16: state tiles up to 8192 fp32 elements, chunk 64 for padded head dims <= 64, else 32.
+    fp16 (scaled state dots): state tiles up to 4096 elements, chunk 32 for head dims <= 128, else 16.
+    fp32 (TF32 dots): state tiles up to 2048 elements, chunk 32 for head dims <= 128, else 16.
     8 warps, 2 stages. Every default config compiles for sm_80 / sm_90 without spills (see aot_specs)."""
     BD, BDV = next_pow2(D), next_pow2(DV)
     wide = max(BD, BDV)
     if dtype == torch.float32:
         cap, BT = 2048, (32 if wide <= 128 else 16)
+    elif dtype == torch.float16:
+        cap, BT = 4096, (32 if wide <= 128 else 16)
     else:
         cap, BT = 8192, (64 if wide <= 64 else 32)
     if block_size:
@@ -375,7 +402,7 @@ def plan(D: int, DV: int, dtype: torch.dtype, block_size: Optional[int] = None) 
     BK = min(BD, 64, max(16, cap // BDV))
     DEC_BV = min(BDV, max(16, 4096 // BD))
     prec = "tf32"  # fp32 inputs: TF32 tensor cores (fp32 accumulate); ignored for 16-bit operands
-    return Plan(BT, BD, BDV, BV, BK, DEC_BV, 8, 2, prec)
+    return Plan(BT, BD, BDV, BV, BK, DEC_BV, 8, 2, prec, dtype == torch.float16)
 
 
 def lightning_work(N: int, D: int, DV: int, *, B: int = 1, H: int = 1, dtype: torch.dtype = torch.float16,
@@ -419,7 +446,7 @@ def lightning_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torc
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         float(scale), H, N, D, DV, NT,
-        USE_H0=h0 is not None, BT=p.BT, BD=p.BD, BV=p.BV, DOT_F32=interpreter_enabled(), PREC=p.prec,
+        USE_H0=h0 is not None, BT=p.BT, BD=p.BD, BV=p.BV, SCALED=p.scaled, DOT_F32=interpreter_enabled(), PREC=p.prec,
         num_warps=p.num_warps, num_stages=p.num_stages,
     )
     _record("fwd", grid, NT)
@@ -441,7 +468,8 @@ def lightning_bwd(do: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Tensor
     dk = alloc(B, H, N, D, device=dev, dtype=dt)
     dv = alloc(B, H, N, DV, device=dev, dtype=dt)
     dh0 = alloc(B, H, D, DV, device=dev, dtype=torch.float32)
-    opts = dict(DOT_F32=interpreter_enabled(), PREC=p.prec, num_warps=p.num_warps, num_stages=p.num_stages)
+    opts = dict(SCALED=p.scaled, DOT_F32=interpreter_enabled(), PREC=p.prec, num_warps=p.num_warps,
+                num_stages=p.num_stages)
     so = (do.stride(0), do.stride(1), do.stride(2))
     sq = (q.stride(0), q.stride(1), q.stride(2))
     sk = (k.stride(0), k.stride(1), k.stride(2))
@@ -514,7 +542,7 @@ def aot_specs() -> List[KernelSpec]:
         pt, pf = ptr_type(dt), "*fp32"
         tag = f"{str(dt).split('.')[-1]}_d{D}_dv{DV}_bt{p.BT}"
         tags = {"dtype": str(dt).split(".")[-1], "D": D, "DV": DV, "BT": p.BT}
-        flags = {"DOT_F32": False, "PREC": p.prec}
+        flags = {"SCALED": p.scaled, "DOT_F32": False, "PREC": p.prec}
         kernels = [
             ("fwd", _lightning_fwd_kernel,
              {"q": pt, "k": pt, "v": pt, "s": pf, "h0": pf, "o": pt, "ht": pf, **_stride_names("q", "k", "v")},

@@ -161,19 +161,31 @@ def _torch_forward(q, k, v, rates, scale, h0):
 
 
 def _torch_backward(do, dht, q, k, v, rates, scale, h0):
-    with torch.enable_grad():
-        ins = [x.detach().requires_grad_() for x in (q, k, v)]
-        h0d = None if h0 is None else h0.detach().double().requires_grad_()
-        o, ht = _torch_forward(*ins, rates, scale, h0d)
-        outs, grads = [o], [do.double()]
-        if dht is not None:
-            outs.append(ht)
-            grads.append(dht.double())
-        res = torch.autograd.grad(outs, ins + ([h0d] if h0d is not None else []), grads, allow_unused=True)
-    dq, dk, dv = (g.to(q.dtype) for g in res[:3])
+    """Gradients without autograd (custom-op implementations run below the autograd dispatch key): each
+    is itself a causal linear attention, run through :func:`_torch_forward` (time reversed for dk / dv)::
+
+        dq = LA(q=dO, k=V, v=K, S_{-1}=h0^T)
+        dk = flip(LA(flip V, flip dO, flip Q)) + lambda^(N-1-t) V dht^T
+        dv = flip(LA(flip K, flip Q, flip dO)) + lambda^(N-1-t) K dht
+        dh0 = scale * lambda * sum_s lambda^s q_s^T dO_s + lambda^N dht
+    """
     B, H, N, D = q.shape
-    dh0 = res[3].float() if h0 is not None else torch.zeros(B, H, D, v.shape[-1], device=q.device)
-    return dq, dk, dv, dh0
+    f64 = torch.float64
+    q, k, v, do = (x.to(f64) for x in (q, k, v, do))
+    flip = lambda x: x.flip(2)  # noqa: E731
+    dq, _ = _torch_forward(do, v, k, rates, scale, None if h0 is None else h0.to(f64).transpose(-1, -2))
+    dk, _ = _torch_forward(flip(v), flip(do), flip(q), rates, scale, None)
+    dv, g = _torch_forward(flip(k), flip(q), flip(do), rates, scale, None)
+    dk, dv = flip(dk), flip(dv)
+    r = rates.to(f64)[None, :, None, None]
+    dh0 = scale * torch.exp(-r) * g
+    if dht is not None:
+        dht = dht.to(f64)
+        w = torch.exp(-r * torch.arange(N - 1, -1, -1, device=q.device, dtype=f64)[:, None])  # (1, H, N, 1)
+        dk = dk + w * torch.matmul(v, dht.transpose(-1, -2))
+        dv = dv + w * torch.matmul(k, dht)
+        dh0 = dh0 + torch.exp(-r * N) * dht
+    return dq, dk, dv, dh0.float()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,7 +222,8 @@ def _lightning_bwd_op(do: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Te
         from tileattn.kernels.lightning import lightning_bwd
 
         return lightning_bwd(do, dht, q, k, v, rates, scale, initial_state, block_size)
-    return _torch_backward(do, dht, q, k, v, rates, scale, initial_state)
+    dq, dk, dv, dh0 = _torch_backward(do, dht, q, k, v, rates, scale, initial_state)
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dh0
 
 
 @_lightning_bwd_op.register_fake

@@ -47,16 +47,17 @@ def main(argv=None) -> int:
                   f"(found {[m.rsplit('.', 1)[-1] for m in found]}; import errors: {errors})", file=sys.stderr)
             return 2
     to_stdout = args.json == "-"
+    live = sys.stderr.isatty() and not to_stdout
 
     def progress(done, total, row):
-        if not to_stdout:
+        if live:
             print(f"\r[{done}/{total}] {row.get('module')}.{row.get('name')} {row.get('arch')}".ljust(79),
                   end="", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     rows = _aot.run_report(args.filter, jobs=args.jobs, first_per_module=args.quick, modules=modules,
                            progress=progress)
-    if not to_stdout:
+    if live:
         print("\r" + " " * 79 + "\r", end="", file=sys.stderr)
     fails = _aot.failures(rows)
     if args.json:

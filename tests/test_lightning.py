@@ -380,3 +380,22 @@ def test_bad_decode_and_block_size():
 def test_gpu_long_sequence(dtype):
     q, k, v, h0 = _inputs(1, H, 2049, 128, 128, dtype)
     check_against_reference(q, k, v, h0, lightning_decay_rates(H, device=DEVICE))
+
+
+def test_fp16_state_beyond_fp16_range():
+    """Positive keys / values without decay: the fp32 state grows past the fp16 maximum (65504). The
+    kernels scale the state by a power of two before their fp16 dots, so nothing overflows."""
+    N, D = 160, 16
+    q = (0.05 * torch.randn(1, 1, N, D, device=DEVICE)).half()
+    k = (30 + torch.randn(1, 1, N, D, device=DEVICE)).half()
+    v = (30 + torch.randn(1, 1, N, D, device=DEVICE)).half()
+    out, ht = lightning_attention(q, k, v, scale=1e-3, output_final_state=True)
+    o64, h64 = reference.linear_attention_quadratic_ref(q, k, v, scale=1e-3)
+    assert h64.abs().max() > 65504 and torch.isfinite(out).all()
+    assert rel_err(out, o64) < 2e-3 and rel_err(ht, h64) < 2e-3
+
+
+def test_public_exports():
+    assert tileattn.lightning_attention is lightning_attention and tileattn.lightning_decode is lightning_decode
+    assert tileattn.lightning_decay_rates is lightning_decay_rates
+    assert tileattn.LightningAttention is LightningAttention and tileattn.nn.LightningAttention is LightningAttention
