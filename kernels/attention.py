@@ -32,30 +32,33 @@ LN2 = 0.6931471805599453
 # Configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture and head-dim bucket. Every entry
 # is AOT-compiled for sm_80 / sm_90 by the resource report and the spill test (no spills allowed).
 # ----------------------------------------------------------------------------------------------------
+# Spill-free (AOT-checked by scripts/config_sweep.py and the resource report) for every mask variant;
+# the autotuner picks among them on the GPU. Families: 16-bit on sm_90 / sm_80, 16-bit with a mask tensor
+# ("mask": its tile loads need smaller tiles), fp32 (TF32 dots).
 FWD_CONFIGS = {
-    "sm90": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-             128: [(128, 64, 8, 3), (64, 64, 4, 3)],
-             256: [(64, 32, 4, 2), (32, 32, 4, 2)]},
-    "sm80": {64: [(64, 64, 4, 3), (64, 32, 4, 2)],
+    "sm90": {64: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+             128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+             256: [(32, 32, 4, 2)]},
+    "sm80": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+             128: [(64, 32, 4, 2), (32, 32, 4, 2)],
+             256: [(32, 32, 4, 2), (16, 16, 4, 1)]},
+    "mask": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
              128: [(64, 32, 4, 2), (32, 32, 4, 2)],
              256: [(32, 32, 4, 2), (32, 16, 4, 1)]},
-    "mask": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
-             128: [(32, 32, 4, 2), (16, 16, 4, 1)],
-             256: [(16, 16, 4, 1)]},
     "fp32": {64: [(32, 32, 4, 2), (16, 16, 4, 1)],
              128: [(32, 16, 4, 1), (16, 16, 4, 1)],
              256: [(16, 16, 4, 1)]},
 }
 BWD_CONFIGS = {
-    "sm90": {64: [(64, 64, 4, 2), (32, 64, 4, 2)],
-             128: [(32, 64, 4, 2), (32, 32, 4, 2)],
-             256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
-    "sm80": {64: [(64, 64, 4, 2), (32, 32, 4, 2)],
+    "sm90": {64: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
              128: [(32, 32, 4, 2), (16, 32, 4, 1)],
              256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
-    "mask": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
-             128: [(16, 32, 4, 1), (16, 16, 4, 1)],
-             256: [(16, 16, 4, 1)]},
+    "sm80": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
+             128: [(32, 32, 4, 2), (16, 32, 4, 1)],
+             256: [(16, 32, 4, 1)]},
+    "mask": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
+             128: [(32, 32, 4, 2), (32, 16, 4, 1)],
+             256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
     "fp32": {64: [(32, 32, 4, 1), (16, 16, 4, 1)],
              128: [(16, 16, 4, 1)],
              256: [(16, 16, 4, 1)]},
@@ -393,9 +396,10 @@ def _launch(kernel, table, grid_fn, args, meta, bd: int, dtype: torch.dtype, dev
 
 
 def _dot_options(dtype: torch.dtype):
+    """(upcast bf16 dot operands under the interpreter, input precision): fp32 inputs use TF32 tensor-core
+    dots on GPU (IEEE fp32 dots need tiles so small that they spill; see the README)."""
     dot_f32 = interpreter_enabled() and dtype == torch.bfloat16
-    prec = "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    return dot_f32, prec
+    return dot_f32, ("tf32" if dtype == torch.float32 else "ieee")
 
 
 def _bias_args(bias: Optional[torch.Tensor], q: torch.Tensor):
@@ -551,7 +555,7 @@ def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, i
     dtype = dtype or _FAMILY_DTYPES[family][-1 if variant == "sparse" else 0]
     kernel = _KERNELS[tag]
     cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, BLOCK_M=bm, BLOCK_N=bn,
-              DOT_F32=False, PREC="ieee", **var)
+              DOT_F32=False, PREC="tf32" if family == "fp32" else "ieee", **var)
     if tag == "fwd":
         cx["COUNT"] = False
     sig = _signature(kernel, dtype, cx)
