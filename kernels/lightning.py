@@ -402,7 +402,8 @@ def plan(D: int, DV: int, dtype: torch.dtype, block_size: Optional[int] = None) 
     BK = min(BD, 64, max(16, cap // BDV))
     DEC_BV = min(BDV, max(16, 4096 // BD))
     prec = "tf32"  # fp32 inputs: TF32 tensor cores (fp32 accumulate); ignored for 16-bit operands
-    return Plan(BT, BD, BDV, BV, BK, DEC_BV, 8, 2, prec, dtype == torch.float16)
+    warps = 8
+    return Plan(BT, BD, BDV, BV, BK, DEC_BV, warps, 2, prec, dtype == torch.float16)
 
 
 def lightning_work(N: int, D: int, DV: int, *, B: int = 1, H: int = 1, dtype: torch.dtype = torch.float16,
@@ -521,8 +522,11 @@ def lightning_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rat
 # 256 wide), square and rectangular. Other dims pad to one of these tile shapes or a smaller one.
 _AOT_DIMS = {
     "16bit": ((16, 16), (64, 64), (128, 128), (256, 256), (64, 256), (256, 64)),
-    "fp32": ((64, 64), (128, 128), (256, 256), (64, 256), (256, 64)),
+    "fp32": ((64, 64), (128, 128), (256, 256), (64, 256), (128, 256), (256, 64)),
 }
+# fp32 chunk kernels with D > 128 spill; the op splits D into chunks of at most this (exact: the output
+# is a sum over D-chunks and the state's rows are the D-chunks). The decode kernel takes any D.
+FP32_MAX_D = 128
 
 
 def _stride_names(*tensors: str) -> Dict[str, str]:
@@ -557,6 +561,8 @@ def aot_specs() -> List[KernelSpec]:
              {"q": pt, "k": pt, "do": pt, "s": pf, "dht": pf, "dv": pt, "dh0": pf, **_stride_names("q", "k", "o")},
              {"USE_DHT": True, "BT": p.BT, "BD": p.BD, "BV": p.BV}),
         ]
+        if dt == torch.float32 and D > FP32_MAX_D:
+            kernels = []  # never launched: the op splits D (see FP32_MAX_D)
         for name, fn, sig, cx in kernels:
             cx = {**cx, **flags}
             sig = {**sig, **scal, **{c: "constexpr" for c in cx}}

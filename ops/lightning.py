@@ -272,6 +272,25 @@ def _(q, k, v, rates, scale, state):
 # ----------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------
+def _fwd_op(q, k, v, rates, scale: float, h0, block_size: int):
+    """The forward custom op; fp32 inputs with D > FP32_MAX_D run as a sum over D-chunks (exact: the output
+    is additive over chunks of the key dim and the state's rows are those chunks) so that only spill-free
+    kernel configs launch. Autograd goes through each chunk's op."""
+    from tileattn.kernels.lightning import FP32_MAX_D
+
+    D = q.shape[-1]
+    if q.dtype != torch.float32 or D <= FP32_MAX_D:
+        return torch.ops.tileattn.lightning_fwd(q, k, v, rates, scale, h0, block_size)
+    outs, states = [], []
+    for s in range(0, D, FP32_MAX_D):
+        e = min(D, s + FP32_MAX_D)
+        h = None if h0 is None else h0[:, :, s:e].contiguous()
+        o, st = torch.ops.tileattn.lightning_fwd(q[..., s:e], k[..., s:e], v, rates, scale, h, block_size)
+        outs.append(o)
+        states.append(st)
+    return sum(outs[1:], outs[0]), torch.cat(states, dim=2)
+
+
 def _lightning_attention(q, k, v, decay=None, *, scale=None, initial_state=None, output_final_state=False,
                          block_size: Optional[int] = None):
     """:func:`lightning_attention` with a chunk length (16, 32, 64 or 128; None = default). Internal: the
@@ -282,7 +301,7 @@ def _lightning_attention(q, k, v, decay=None, *, scale=None, initial_state=None,
 
         if block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES} or None, got {block_size}")
-    out, final_state = torch.ops.tileattn.lightning_fwd(q, k, v, rates, scale, h0, int(block_size or 0))
+    out, final_state = _fwd_op(q, k, v, rates, scale, h0, int(block_size or 0))
     return (out, final_state) if output_final_state else out
 
 
@@ -365,7 +384,7 @@ def lightning_decode(
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, state))
     if needs_grad:
-        return torch.ops.tileattn.lightning_fwd(q, k, v, rates, scale, h0, 0)
+        return _fwd_op(q, k, v, rates, scale, h0, 0)
     return torch.ops.tileattn.lightning_decode(q, k, v, rates, scale, h0)
 
 

@@ -399,3 +399,10 @@ def test_public_exports():
     assert tileattn.lightning_attention is lightning_attention and tileattn.lightning_decode is lightning_decode
     assert tileattn.lightning_decay_rates is lightning_decay_rates
     assert tileattn.LightningAttention is LightningAttention and tileattn.nn.LightningAttention is LightningAttention
+
+
+def test_fp32_wide_head_dim_splits_exactly():
+    """fp32 with D > 128 runs as a sum over D-chunks (only spill-free kernel configs launch): still equal
+    to the reference, states and gradients included."""
+    q, k, v, h0 = _inputs(1, 2, 29, 200, 24, torch.float32)
+    check_against_reference(q, k, v, h0, torch.tensor([0.2, 0.01], device=DEVICE))
