@@ -143,6 +143,27 @@ def _walk_step(t, lo, n_full, p_l, IDX_F, IDX_P, MID_P,
 
 
 @triton.jit
+def _load_and_score(
+    b_a, X, Y, o_t, s_xn, s_yn, Nt, o_d, o_dv, qk_scale, i_q, i_k, Nq, Nk, left, right,
+    p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0,
+    BA: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """One step of every kernel's loop: load the step's rows of X [BT, BD] and Y [BT, BDV] (k / v for the
+    forward and dQ, q / dO for dK/dV) and return them with the masked scores ``b_a @ X^T`` [BA, BT] in the
+    log2 domain. ``i_q`` / ``i_k`` orient the mask (see :func:`_mask_scores`)."""
+    m_t = o_t < Nt
+    b_x = tl.load(X + o_t[:, None] * s_xn + o_d[None, :], mask=m_t[:, None] & (o_d[None, :] < D), other=0.0)  # [BT, BD]
+    b_y = tl.load(Y + o_t[:, None] * s_yn + o_dv[None, :], mask=m_t[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BT, BDV]
+    b_s = _dot(b_a, tl.trans(b_x), tl.zeros([BA, BT], dtype=tl.float32), DOT_F32, PREC) * qk_scale  # [BA, BT]
+    b_s = _mask_scores(b_s, i_q, i_k, Nq, Nk, left, right, p_bias, sb_m, sb_n,
+                       EMASK + tl.maximum(i_mid, 0).to(tl.int64) * (BSQ * BSK), i_mid, q0, k0,
+                       WINDOWED, SPARSE, BIAS, BSK)
+    return b_x, b_y, b_s
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_F32: tl.constexpr, PREC: tl.constexpr):
     if DOT_F32:  # interpreter: bf16 tl.dot is wrong there (triton#11584)
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
@@ -190,13 +211,10 @@ def _attn_fwd(
     for t in range(0, n_steps):
         start_n, k0, i_mid = _walk_step(t, lo, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P, SPARSE, BSK, BLOCK_N)
         o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < Nk
-        b_k = tl.load(K + o_n[:, None] * s_kn + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
-        b_v = tl.load(V + o_n[:, None] * s_vn + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
-        b_s = _dot(b_q, tl.trans(b_k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC) * qk_scale
-        b_s = _mask_scores(b_s, o_m[:, None], o_n[None, :], Nq, Nk, left, right, p_bias, sb_m, sb_n,
-                           EMASK + tl.maximum(i_mid, 0).to(tl.int64) * (BSQ * BSK), i_mid, q0, k0,
-                           WINDOWED, SPARSE, BIAS, BSK)  # [BM, BN], log2 domain
+        b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
+            b_q, K, V, o_n, s_kn, s_vn, Nk, o_d, o_dv, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
+            p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV,
+            WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         b_p = tl.math.exp2(b_s - m_safe[:, None])  # [BM, BN]
@@ -258,13 +276,10 @@ def _attn_bwd_dq(
     for t in range(0, n_steps):
         start_n, k0, i_mid = _walk_step(t, lo, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P, SPARSE, BSK, BLOCK_N)
         o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < Nk
-        b_k = tl.load(K + o_n[:, None] * s_kn + o_d[None, :], mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
-        b_v = tl.load(V + o_n[:, None] * s_vn + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
-        b_s = _dot(b_q, tl.trans(b_k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC) * qk_scale
-        b_s = _mask_scores(b_s, o_m[:, None], o_n[None, :], Nq, Nk, left, right, p_bias, sb_m, sb_n,
-                           EMASK + tl.maximum(i_mid, 0).to(tl.int64) * (BSQ * BSK), i_mid, q0, k0,
-                           WINDOWED, SPARSE, BIAS, BSK)
+        b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
+            b_q, K, V, o_n, s_kn, s_vn, Nk, o_d, o_dv, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
+            p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV,
+            WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
         b_p = tl.math.exp2(b_s - b_lse2[:, None])  # [BM, BN]
         b_dp = _dot(b_do, tl.trans(b_v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
@@ -323,15 +338,13 @@ def _attn_bwd_dkdv(
             start_m, q0, i_mid = _walk_step(t, lo, n_full, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P, SPARSE, BSQ, BLOCK_M)
             o_m = start_m + tl.arange(0, BLOCK_M)
             m_m = o_m < Nq
-            b_q = tl.load(Qh + o_m[:, None] * s_qn + o_d[None, :], mask=m_m[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
-            b_do = tl.load(DOh + o_m[:, None] * s_don + o_dv[None, :], mask=m_m[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BM, BDV]
+            b_q, b_do, b_st = _load_and_score(  # [BM, BD], [BM, BDV], [BN, BM]
+                b_k, Qh, DOh, o_m, s_qn, s_don, Nq, o_d, o_dv, qk_scale, o_m[None, :], o_n[:, None], Nq, Nk,
+                left, right, p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_N, BLOCK_M, D, DV,
+                WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
             b_lse = tl.load(LSEh + o_m, mask=m_m, other=float("-inf"))
             b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
             b_delta = tl.load(DELTAh + o_m, mask=m_m, other=0.0)
-            b_st = _dot(b_k, tl.trans(b_q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC) * qk_scale
-            b_st = _mask_scores(b_st, o_m[None, :], o_n[:, None], Nq, Nk, left, right, p_bias, sb_m, sb_n,
-                                EMASK + tl.maximum(i_mid, 0).to(tl.int64) * (BSQ * BSK), i_mid, q0, k0,
-                                WINDOWED, SPARSE, BIAS, BSK)  # [BN, BM]
             b_pt = tl.math.exp2(b_st - b_lse2[None, :])  # [BN, BM]
             dv = _dot(b_pt.to(b_do.dtype), b_do, dv, DOT_F32, PREC)  # [BN, BDV]
             b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
