@@ -52,15 +52,15 @@ FWD_CONFIGS = {
 BWD_CONFIGS = {
     "sm90": {64: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
              128: [(32, 32, 4, 2), (16, 32, 4, 1)],
-             256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+             256: [(16, 32, 4, 1)]},
     "sm80": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
              128: [(32, 32, 4, 2), (16, 32, 4, 1)],
              256: [(16, 32, 4, 1)]},
     "mask": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
              128: [(32, 32, 4, 2), (32, 16, 4, 1)],
-             256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
+             256: [(32, 16, 4, 1)]},
     "fp32": {64: [(32, 16, 4, 1), (16, 32, 4, 1)],
-             128: [(32, 16, 4, 1), (16, 16, 4, 1)],
+             128: [(16, 16, 4, 1)],
              256: [(16, 16, 4, 1)]},
 }
 INTERPRET_CONFIG = (32, 32, 4, 1)
@@ -338,13 +338,13 @@ def _attn_bwd_dkdv(
             start_m, q0, i_mid = _walk_step(t, lo, n_full, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P, SPARSE, BSQ, BLOCK_M)
             o_m = start_m + tl.arange(0, BLOCK_M)
             m_m = o_m < Nq
+            b_lse = tl.load(LSEh + o_m, mask=m_m, other=float("-inf"))
+            b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+            b_delta = tl.load(DELTAh + o_m, mask=m_m, other=0.0)
             b_q, b_do, b_st = _load_and_score(  # [BM, BD], [BM, BDV], [BN, BM]
                 b_k, Qh, DOh, o_m, s_qn, s_don, Nq, o_d, o_dv, qk_scale, o_m[None, :], o_n[:, None], Nq, Nk,
                 left, right, p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_N, BLOCK_M, D, DV,
                 WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
-            b_lse = tl.load(LSEh + o_m, mask=m_m, other=float("-inf"))
-            b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-            b_delta = tl.load(DELTAh + o_m, mask=m_m, other=0.0)
             b_pt = tl.math.exp2(b_st - b_lse2[None, :])  # [BN, BM]
             dv = _dot(b_pt.to(b_do.dtype), b_do, dv, DOT_F32, PREC)  # [BN, BDV]
             b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
