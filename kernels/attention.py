@@ -93,10 +93,10 @@ def _mask_scores(
         b_em = tl.load(p_emask + (i_q - q0) * BSK + (i_k - k0), mask=m_em, other=1)
         m_ok = m_ok & (b_em != 0)
     if BIAS == 1:
-        b_bm = tl.load(p_bias + i_q * sb_m + i_k * sb_n, mask=m_in, other=0)
+        b_bm = tl.load(p_bias + i_q.to(tl.int64) * sb_m + i_k * sb_n, mask=m_in, other=0)
         m_ok = m_ok & (b_bm != 0)
     if BIAS == 2:
-        b_bias = tl.load(p_bias + i_q * sb_m + i_k * sb_n, mask=m_in, other=0.0).to(tl.float32)
+        b_bias = tl.load(p_bias + i_q.to(tl.int64) * sb_m + i_k * sb_n, mask=m_in, other=0.0).to(tl.float32)
         s = s + b_bias * 1.4426950408889634
     return tl.where(m_ok, s, float("-inf"))
 
@@ -144,7 +144,7 @@ def _walk_step(t, lo, n_full, p_l, IDX_F, IDX_P, MID_P,
 
 @triton.jit
 def _load_and_score(
-    b_a, X, Y, o_t, s_xn, s_yn, Nt, o_d, o_dv, qk_scale, i_q, i_k, Nq, Nk, left, right,
+    b_a, X, Y, start, s_xn, s_yn, Nt, o_d, o_dv, qk_scale, i_q, i_k, Nq, Nk, left, right,
     p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0,
     BA: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
@@ -153,9 +153,12 @@ def _load_and_score(
     """One step of every kernel's loop: load the step's rows of X [BT, BD] and Y [BT, BDV] (k / v for the
     forward and dQ, q / dO for dK/dV) and return them with the masked scores ``b_a @ X^T`` [BA, BT] in the
     log2 domain. ``i_q`` / ``i_k`` orient the mask (see :func:`_mask_scores`)."""
-    m_t = o_t < Nt
-    b_x = tl.load(X + o_t[:, None] * s_xn + o_d[None, :], mask=m_t[:, None] & (o_d[None, :] < D), other=0.0)  # [BT, BD]
-    b_y = tl.load(Y + o_t[:, None] * s_yn + o_dv[None, :], mask=m_t[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BT, BDV]
+    o_r = tl.arange(0, BT)
+    m_t = start + o_r < Nt
+    X += start.to(tl.int64) * s_xn  # 64-bit row base, 32-bit offsets inside the tile
+    Y += start.to(tl.int64) * s_yn
+    b_x = tl.load(X + o_r[:, None] * s_xn + o_d[None, :], mask=m_t[:, None] & (o_d[None, :] < D), other=0.0)  # [BT, BD]
+    b_y = tl.load(Y + o_r[:, None] * s_yn + o_dv[None, :], mask=m_t[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BT, BDV]
     b_s = _dot(b_a, tl.trans(b_x), tl.zeros([BA, BT], dtype=tl.float32), DOT_F32, PREC) * qk_scale  # [BA, BT]
     b_s = _mask_scores(b_s, i_q, i_k, Nq, Nk, left, right, p_bias, sb_m, sb_n,
                        EMASK + tl.maximum(i_mid, 0).to(tl.int64) * (BSQ * BSK), i_mid, q0, k0,
@@ -190,7 +193,8 @@ def _attn_fwd(
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_r = tl.arange(0, BLOCK_M)
+    o_m = i_m * BLOCK_M + o_r
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_row = o_m < Nq
@@ -198,7 +202,7 @@ def _attn_fwd(
     K += i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
     V += i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
     p_bias = BIAS_PTR + i_b64 * sb_b + i_h.to(tl.int64) * sb_h
-    b_q = tl.load(Q + i_b64 * s_qb + i_h.to(tl.int64) * s_qh + o_m[:, None] * s_qn + o_d[None, :],
+    b_q = tl.load(Q + i_b64 * s_qb + i_h.to(tl.int64) * s_qh + (i_m * BLOCK_M).to(tl.int64) * s_qn + o_r[:, None] * s_qn + o_d[None, :],
                   mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -212,7 +216,7 @@ def _attn_fwd(
         start_n, k0, i_mid = _walk_step(t, lo, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P, SPARSE, BSK, BLOCK_N)
         o_n = start_n + tl.arange(0, BLOCK_N)
         b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
-            b_q, K, V, o_n, s_kn, s_vn, Nk, o_d, o_dv, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
+            b_q, K, V, start_n, s_kn, s_vn, Nk, o_d, o_dv, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
             p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV,
             WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
@@ -228,7 +232,7 @@ def _attn_fwd(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     b_o = acc / l_safe[:, None]
     b_lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O + i_b64 * s_ob + i_h.to(tl.int64) * s_oh + o_m[:, None] * s_on + o_dv[None, :],
+    tl.store(O + i_b64 * s_ob + i_h.to(tl.int64) * s_oh + (i_m * BLOCK_M).to(tl.int64) * s_on + o_r[:, None] * s_on + o_dv[None, :],
              b_o.to(O.dtype.element_ty), mask=m_row[:, None] & (o_dv[None, :] < DV))
     tl.store(LSE + i_bh.to(tl.int64) * Nq + o_m, b_lse, mask=m_row)
 
@@ -253,7 +257,8 @@ def _attn_bwd_dq(
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_r = tl.arange(0, BLOCK_M)
+    o_m = i_m * BLOCK_M + o_r
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_row = o_m < Nq
@@ -261,9 +266,9 @@ def _attn_bwd_dq(
     K += i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
     V += i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
     p_bias = BIAS_PTR + i_b64 * sb_b + i_h.to(tl.int64) * sb_h
-    b_q = tl.load(Q + i_b64 * s_qb + i_h.to(tl.int64) * s_qh + o_m[:, None] * s_qn + o_d[None, :],
+    b_q = tl.load(Q + i_b64 * s_qb + i_h.to(tl.int64) * s_qh + (i_m * BLOCK_M).to(tl.int64) * s_qn + o_r[:, None] * s_qn + o_d[None, :],
                   mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
-    b_do = tl.load(DO + i_b64 * s_dob + i_h.to(tl.int64) * s_doh + o_m[:, None] * s_don + o_dv[None, :],
+    b_do = tl.load(DO + i_b64 * s_dob + i_h.to(tl.int64) * s_doh + (i_m * BLOCK_M).to(tl.int64) * s_don + o_r[:, None] * s_don + o_dv[None, :],
                    mask=m_row[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BM, BDV]
     b_lse = tl.load(LSE + i_bh.to(tl.int64) * Nq + o_m, mask=m_row, other=float("-inf"))
     b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)  # empty rows: p = 0
@@ -277,14 +282,14 @@ def _attn_bwd_dq(
         start_n, k0, i_mid = _walk_step(t, lo, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P, SPARSE, BSK, BLOCK_N)
         o_n = start_n + tl.arange(0, BLOCK_N)
         b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
-            b_q, K, V, o_n, s_kn, s_vn, Nk, o_d, o_dv, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
+            b_q, K, V, start_n, s_kn, s_vn, Nk, o_d, o_dv, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
             p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV,
             WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
         b_p = tl.math.exp2(b_s - b_lse2[:, None])  # [BM, BN]
         b_dp = _dot(b_do, tl.trans(b_v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
         dq = _dot(b_ds.to(b_k.dtype), b_k, dq, DOT_F32, PREC)  # [BM, BD]
-    tl.store(DQ + i_b64 * s_dqb + i_h.to(tl.int64) * s_dqh + o_m[:, None] * s_dqn + o_d[None, :],
+    tl.store(DQ + i_b64 * s_dqb + i_h.to(tl.int64) * s_dqh + (i_m * BLOCK_M).to(tl.int64) * s_dqn + o_r[:, None] * s_dqn + o_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=m_row[:, None] & (o_d[None, :] < D))
 
 
@@ -310,14 +315,15 @@ def _attn_bwd_dkdv(
     i_n, i_bhk = tl.program_id(0), tl.program_id(1)
     Hkv = H // G
     i_b, i_hk = i_bhk // Hkv, i_bhk % Hkv
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_r = tl.arange(0, BLOCK_N)
+    o_n = i_n * BLOCK_N + o_r
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_n = o_n < Nk
     i_b64 = i_b.to(tl.int64)
-    b_k = tl.load(K + i_b64 * s_kb + i_hk.to(tl.int64) * s_kh + o_n[:, None] * s_kn + o_d[None, :],
+    b_k = tl.load(K + i_b64 * s_kb + i_hk.to(tl.int64) * s_kh + (i_n * BLOCK_N).to(tl.int64) * s_kn + o_r[:, None] * s_kn + o_d[None, :],
                   mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
-    b_v = tl.load(V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh + o_n[:, None] * s_vn + o_dv[None, :],
+    b_v = tl.load(V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh + (i_n * BLOCK_N).to(tl.int64) * s_vn + o_r[:, None] * s_vn + o_dv[None, :],
                   mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -342,7 +348,7 @@ def _attn_bwd_dkdv(
             b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
             b_delta = tl.load(DELTAh + o_m, mask=m_m, other=0.0)
             b_q, b_do, b_st = _load_and_score(  # [BM, BD], [BM, BDV], [BN, BM]
-                b_k, Qh, DOh, o_m, s_qn, s_don, Nq, o_d, o_dv, qk_scale, o_m[None, :], o_n[:, None], Nq, Nk,
+                b_k, Qh, DOh, start_m, s_qn, s_don, Nq, o_d, o_dv, qk_scale, o_m[None, :], o_n[:, None], Nq, Nk,
                 left, right, p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_N, BLOCK_M, D, DV,
                 WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
             b_pt = tl.math.exp2(b_st - b_lse2[None, :])  # [BN, BM]
@@ -350,9 +356,9 @@ def _attn_bwd_dkdv(
             b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
             b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
             dk = _dot(b_dst.to(b_q.dtype), b_q, dk, DOT_F32, PREC)  # [BN, BD]
-    tl.store(DK + i_b64 * s_dkb + i_hk.to(tl.int64) * s_dkh + o_n[:, None] * s_dkn + o_d[None, :],
+    tl.store(DK + i_b64 * s_dkb + i_hk.to(tl.int64) * s_dkh + (i_n * BLOCK_N).to(tl.int64) * s_dkn + o_r[:, None] * s_dkn + o_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
-    tl.store(DV_PTR + i_b64 * s_dvb + i_hk.to(tl.int64) * s_dvh + o_n[:, None] * s_dvn + o_dv[None, :],
+    tl.store(DV_PTR + i_b64 * s_dvb + i_hk.to(tl.int64) * s_dvh + (i_n * BLOCK_N).to(tl.int64) * s_dvn + o_r[:, None] * s_dvn + o_dv[None, :],
              dv.to(DV_PTR.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < DV))
 
 
@@ -419,7 +425,7 @@ def _bias_args(bias: Optional[torch.Tensor], q: torch.Tensor):
     if bias is None:
         return q, (0, 0, 0, 0), 0
     if bias.dtype == torch.bool:
-        bias = bias.view(torch.uint8) if bias.is_contiguous() else bias.to(torch.uint8)
+        bias = bias.view(torch.uint8)  # same element size: a reinterpreting view for any strides, no copy
         return bias, tuple(bias.stride()), 1
     return bias, tuple(bias.stride()), 2
 

@@ -52,11 +52,13 @@ def _row_dot_kernel(
     # out[b, h, n] = sum_d a[b, h, n, d] * b[b, h, n, d], accumulated in fp32
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_r = tl.arange(0, BLOCK_M)
+    o_m = i_m * BLOCK_M + o_r
     o_d = tl.arange(0, BLOCK_D)
     m_md = (o_m[:, None] < N) & (o_d[None, :] < D)
-    p_a = a_ptr + i_b.to(tl.int64) * stride_ab + i_h * stride_ah + o_m[:, None] * stride_an + o_d[None, :]
-    p_b = b_ptr + i_b.to(tl.int64) * stride_bb + i_h * stride_bh + o_m[:, None] * stride_bn + o_d[None, :]
+    r0 = (i_m * BLOCK_M).to(tl.int64)  # 64-bit bases, 32-bit offsets inside the tile
+    p_a = a_ptr + i_b.to(tl.int64) * stride_ab + i_h.to(tl.int64) * stride_ah + r0 * stride_an + o_r[:, None] * stride_an + o_d[None, :]
+    p_b = b_ptr + i_b.to(tl.int64) * stride_bb + i_h.to(tl.int64) * stride_bh + r0 * stride_bn + o_r[:, None] * stride_bn + o_d[None, :]
     b_a = tl.load(p_a, mask=m_md, other=0.0).to(tl.float32)  # [BM, BD]
     b_b = tl.load(p_b, mask=m_md, other=0.0).to(tl.float32)  # [BM, BD]
     tl.store(out_ptr + i_bh.to(tl.int64) * N + o_m, tl.sum(b_a * b_b, axis=1), mask=o_m < N)

@@ -57,8 +57,8 @@ def _attn_weights_kernel(
     m_n = o_n < NK
     o_r = tl.load(row_ptr + o_m, mask=m_m, other=0)  # actual query row index
 
-    p_q0 = q_ptr + i_b64 * stride_qb + i_h * stride_qh + o_r[:, None].to(tl.int64) * stride_qn
-    p_k0 = k_ptr + i_b64 * stride_kb + i_hk * stride_kh + o_n[:, None].to(tl.int64) * stride_kn
+    p_q0 = q_ptr + i_b64 * stride_qb + i_h.to(tl.int64) * stride_qh + o_r[:, None].to(tl.int64) * stride_qn
+    p_k0 = k_ptr + i_b64 * stride_kb + i_hk.to(tl.int64) * stride_kh + o_n[:, None].to(tl.int64) * stride_kn
     if D_LOOP:
         # fp32 IEEE dots run on FMA units: walk the head dim in BLOCK_D chunks to stay in registers
         b_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -83,7 +83,7 @@ def _attn_weights_kernel(
             b_s = tl.dot(b_q, tl.trans(b_k))  # [BM, BN]
     b_s = b_s * qk_scale  # log2 units
 
-    p_l = lse_ptr + i_b64 * stride_lb + i_h * stride_lh + o_r * stride_ln
+    p_l = lse_ptr + i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + o_r * stride_ln
     b_lse = tl.load(p_l, mask=m_m, other=float("-inf")) * 1.4426950408889634  # [BM]
 
     m_ok = m_m[:, None] & m_n[None, :]  # [BM, BN]
@@ -93,7 +93,7 @@ def _attn_weights_kernel(
     if left >= 0:
         m_ok = m_ok & (o_n[None, :] >= o_pos[:, None] - left)
     if BIAS_KIND > 0:
-        p_b = (bias_ptr + i_b64 * stride_bb + i_h * stride_bh + o_r[:, None].to(tl.int64) * stride_bm
+        p_b = (bias_ptr + i_b64 * stride_bb + i_h.to(tl.int64) * stride_bh + o_r[:, None].to(tl.int64) * stride_bm
                + o_n[None, :].to(tl.int64) * stride_bn)
         if BIAS_KIND == 1:
             b_allow = tl.load(p_b, mask=m_m[:, None] & m_n[None, :], other=0)  # [BM, BN]
@@ -105,7 +105,7 @@ def _attn_weights_kernel(
     b_lse = tl.where(b_lse > float("-inf"), b_lse, 0.0)
     b_p = tl.where(m_ok, tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BM, BN]
 
-    p_o = o_ptr + i_b64 * stride_ob + i_hs * stride_oh + o_m[:, None].to(tl.int64) * stride_om + o_n[None, :]
+    p_o = o_ptr + i_b64 * stride_ob + i_hs.to(tl.int64) * stride_oh + o_m[:, None].to(tl.int64) * stride_om + o_n[None, :]
     tl.store(p_o, b_p.to(o_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
@@ -124,8 +124,10 @@ def _config(head_d: int, dtype: torch.dtype, ieee: bool):
 
 
 def _ieee(dtype: torch.dtype) -> bool:
-    # same rule as the fused kernels (kernels/attention.py): fp32 uses TF32 only when torch allows it
-    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    # Same rule as the fused kernels (kernels/attention.py): fp32 inputs use TF32 dots, so the scores here
+    # match the ones the LSE was computed from and rows sum to 1. (The IEEE kernel variant is kept for
+    # reference but not launched.)
+    return False
 
 
 def attention_weights_fwd(
@@ -186,14 +188,13 @@ def attention_weights_fwd(
 
 
 def aot_specs() -> List[KernelSpec]:
-    """Every shipped configuration of the weights kernel: dtype (fp32 with IEEE and TF32 dots) x padded
+    """Every shipped configuration of the weights kernel: dtype (fp32 with TF32 dots) x padded
     head dim, without bias, and the bool / float bias variants at head dim 128."""
     specs = []
     ints = ["stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
             "stride_lb", "stride_lh", "stride_ln", "stride_bb", "stride_bh", "stride_bm", "stride_bn",
             "stride_ob", "stride_oh", "stride_om", "HS", "R", "NQ", "NK", "D", "G", "left", "right"]
-    for dtype, ieee in ((torch.float16, False), (torch.bfloat16, False), (torch.float32, True),
-                        (torch.float32, False)):
+    for dtype, ieee in ((torch.float16, False), (torch.bfloat16, False), (torch.float32, False)):
         for block_d in (64, 128, 256):
             for kind in (BIAS_NONE, BIAS_BOOL, BIAS_FLOAT):
                 if kind != BIAS_NONE and block_d != 128:

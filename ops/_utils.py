@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -111,3 +112,35 @@ def check_attention_inputs(q, k, v) -> None:
         raise ValueError(f"q and k head dims must match, got {D} and {k.shape[3]}")
     if D > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got D={D}, Dv={v.shape[3]}")
+
+
+class TensorCache:
+    """A small cache keyed by a tensor's *identity* and version counter (plus ``extra``), never by its
+    address alone: a freed tensor's memory can be reused by a new tensor with other contents. Entries die
+    with their tensor (weak reference); in-place writes bump the version and miss."""
+
+    def __init__(self, size: int = 8):
+        self._size = size
+        self._d: dict = {}
+
+    @staticmethod
+    def _root(t: torch.Tensor) -> torch.Tensor:
+        return t._base if t._base is not None else t
+
+    @staticmethod
+    def _view(t: torch.Tensor, extra):
+        return (tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype, extra)
+
+    def get(self, t: torch.Tensor, extra=()):
+        """The cached value for this tensor (same root tensor, version and view geometry), else None."""
+        root = self._root(t)
+        e = self._d.get(id(root))
+        if e is not None and e[0]() is root and e[1] == root._version and e[2] == self._view(t, extra):
+            return e[3]
+        return None
+
+    def put(self, t: torch.Tensor, value, extra=()) -> None:
+        root = self._root(t)
+        if len(self._d) >= self._size:
+            self._d.pop(next(iter(self._d)))
+        self._d[id(root)] = (weakref.ref(root), root._version, self._view(t, extra), value)

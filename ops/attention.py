@@ -70,14 +70,16 @@ def _prepare_block_mask(block_mask, q, k, left: int, right: int):
 
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask must be a tileattn.BlockMask, got {type(block_mask).__name__}")
-    block_mask.check_compatible(q, k)
-    if block_mask.masks.device != q.device:
-        raise ValueError(f"block_mask is on {block_mask.masks.device} but q is on {q.device}; use block_mask.to(device)")
+    block_mask.check_compatible(q, k)  # lengths, batch / head broadcast, device
     if (left, right) != (-1, -1):
-        win = create_block_mask(masks.sliding_window(left, right, q_len=q.shape[2], kv_len=k.shape[2]),
-                                None, None, q.shape[2], k.shape[2], block_size=(block_mask.bs_q, block_mask.bs_k),
-                                device=q.device)
-        block_mask = block_mask & win
+        # folded once per (mask, window) and kept on the mask: later calls reuse it (no host work per call)
+        cache = block_mask.__dict__.setdefault("_tileattn_folded", {})
+        if (left, right) not in cache:
+            win = create_block_mask(masks.sliding_window(left, right, q_len=q.shape[2], kv_len=k.shape[2]),
+                                    None, None, q.shape[2], k.shape[2],
+                                    block_size=(block_mask.bs_q, block_mask.bs_k), device=q.device)
+            cache[(left, right)] = block_mask & win
+        block_mask = cache[(left, right)]
     return block_mask
 
 
@@ -201,7 +203,7 @@ def attention(
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, and with ``return_lse`` also lse (B, Hq, Nq) float32 (natural
-        log, not differentiable). A query row that sees no key gets out = 0 and lse = -inf, and zero
+        log; differentiable too). A query row that sees no key gets out = 0 and lse = -inf, and zero
         gradients.
     """
     return _attention(q, k, v, causal=causal, window=window, block_mask=block_mask, scale=scale,

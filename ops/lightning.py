@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tileattn._utils import MAX_HEAD_DIM, check_same, check_scale, check_tensor, use_triton, warn_once
+from tileattn._utils import (MAX_HEAD_DIM, TensorCache, check_same, check_scale, check_tensor, use_triton,
+                             warn_once)
 from tileattn.reference import linear_attention_quadratic_ref, linear_attention_recurrent_ref
 
 __all__ = ["lightning_attention", "lightning_decode", "lightning_decay_rates", "LightningAttention"]
@@ -89,6 +90,9 @@ def _can_sync() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+_CHECKED_DECAY = TensorCache(64)  # rate tensors already value-checked (identity + version)
+
+
 def _check_decay(decay, H: int, q: torch.Tensor) -> torch.Tensor:
     """Rates as a contiguous (H,) float32 tensor on q's device (zeros for ``None``); never differentiated."""
     if decay is None:
@@ -104,11 +108,15 @@ def _check_decay(decay, H: int, q: torch.Tensor) -> torch.Tensor:
     if decay.requires_grad:
         warn_once("lightning-decay-grad", "tileattn.lightning_attention: decay rates are constants; they get no gradient.")
     rates = decay.detach().reshape(H).to(torch.float32).contiguous()
-    if _can_sync() and not bool(torch.isfinite(rates).all() & (rates >= 0).all()):
-        raise ValueError(
-            "decay must hold finite rates s_h >= 0 (lambda_h = exp(-s_h)); got negative or non-finite values "
-            "(pass rates, not log-decays)"
-        )
+    # The value check syncs with the device: do it once per (tensor, version), not on every call (a decode
+    # loop passes the same rates for every token and layer).
+    if _can_sync() and _CHECKED_DECAY.get(decay) is None:
+        if not bool(torch.isfinite(rates).all() & (rates >= 0).all()):
+            raise ValueError(
+                "decay must hold finite rates s_h >= 0 (lambda_h = exp(-s_h)); got negative or non-finite "
+                "values (pass rates, not log-decays)"
+            )
+        _CHECKED_DECAY.put(decay, True)
     return rates
 
 

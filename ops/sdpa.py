@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from tileattn._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES, warn_once
+from tileattn._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES, TensorCache, warn_once
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -67,6 +67,21 @@ def _sparse_block_mask(bias: Optional[torch.Tensor], q: torch.Tensor, k: torch.T
     nq, nk = bias.shape[-2], bias.shape[-1]
     if nq * nk < SPARSE_MIN_ELEMENTS or nk != k.shape[2] or nq != q.shape[2]:
         return None
+    # The same mask object is typically passed to every layer (Hugging Face does): build its BlockMask once
+    # per mask tensor (identity + version, so a new or modified mask is never served a stale BlockMask).
+    hit = _BLOCK_MASK_CACHE.get(bias)
+    if hit is not None:
+        return hit[0]
+    bm = _build_sparse_block_mask(bias, q)
+    _BLOCK_MASK_CACHE.put(bias, (bm,))
+    return bm
+
+
+_BLOCK_MASK_CACHE = TensorCache(8)
+
+
+def _build_sparse_block_mask(bias: torch.Tensor, q: torch.Tensor):
+    nq, nk = bias.shape[-2], bias.shape[-1]
     m = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
     m = m[: (1 if m.stride(0) == 0 else m.shape[0]), : (1 if m.stride(1) == 0 else m.shape[1])]
     bs = SPARSE_BLOCK

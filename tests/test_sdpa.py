@@ -204,3 +204,26 @@ def test_large_sparse_bool_mask_runs_as_block_mask(monkeypatch):
     assert calls, "block-sparse path not taken"
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
+
+
+def test_block_mask_cache_never_serves_a_stale_mask():
+    """The eager BlockMask cache is keyed by tensor identity + version: an in-place edit or a new mask
+    (even at a reused address) is rebuilt, never served stale."""
+    n = 1024
+    doc = torch.arange(n, device=DEVICE) // 256
+    mask = (doc[:, None] == doc[None, :])[None, None].clone()
+    q, k, v = (torch.randn(1, 1, n, 16, device=DEVICE) for _ in range(3))
+
+    def ref(m):
+        return torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m)
+
+    for _ in range(2):
+        out = tileattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert (out.double() - ref(mask)).norm() / ref(mask).norm() < 1e-5
+    mask[..., 300:500, 0:200] = True  # in place: version bump
+    out = tileattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (out.double() - ref(mask)).norm() / ref(mask).norm() < 1e-5
+    del mask
+    mask2 = (doc[:, None] >= doc[None, :])[None, None].clone()  # may reuse the freed address
+    out = tileattn.scaled_dot_product_attention(q, k, v, attn_mask=mask2)
+    assert (out.double() - ref(mask2)).norm() / ref(mask2).norm() < 1e-5
