@@ -117,6 +117,14 @@ def sliding_window(left: int, right: int, q_len: Optional[int] = None, kv_len: O
     return mask_fn
 
 
+def _check_batch(name: str, b: torch.Tensor, n: int) -> None:
+    """Per-batch predicates need the mask built with that batch size (``B=None`` would silently use
+    batch element 0 for every batch)."""
+    if b.numel() != n:
+        raise ValueError(f"{name}: per-batch values for B={n} need create_block_mask(..., B={n}, ...); "
+                         f"the mask is being built for {b.numel()} batch element(s)")
+
+
 def document(doc_ids: torch.Tensor, *, causal: bool = False) -> MaskFn:
     """Packed sequences: query i sees key j iff they belong to the same document (and ``j <= i`` with
     ``causal``). Tokens with a negative document id (padding) see nothing and are seen by nothing.
@@ -137,6 +145,12 @@ def document(doc_ids: torch.Tensor, *, causal: bool = False) -> MaskFn:
 
     def mask_fn(b, h, q_idx, kv_idx):
         d = ids.get(q_idx.device)
+        if per_batch:
+            _check_batch("document", b, d.shape[0])
+        n = d.shape[-1]
+        if int(q_idx.max()) >= n or int(kv_idx.max()) >= n:
+            raise ValueError(f"document: doc_ids cover {n} tokens but the mask has q_len / kv_len up to "
+                             f"{int(max(q_idx.max(), kv_idx.max())) + 1}")
         dq, dk = (d[b, q_idx], d[b, kv_idx]) if per_batch else (d[q_idx], d[kv_idx])
         ok = (dq == dk) & (dq >= 0)
         if is_causal:
@@ -159,7 +173,9 @@ def prefix_lm(prefix_len: Union[int, torch.Tensor]) -> MaskFn:
         plen = _OnDevice(prefix_len.long())
 
         def mask_fn(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) | (kv_idx < plen.get(q_idx.device)[b])
+            p = plen.get(q_idx.device)
+            _check_batch("prefix_lm", b, p.shape[0])
+            return (kv_idx <= q_idx) | (kv_idx < p[b])
 
         return mask_fn
     p = _check_int("prefix_len", prefix_len, 0)

@@ -175,7 +175,13 @@ def attention_weights(
     left, right = check_window(window, causal)
     scale_f = check_scale(scale, D)
     from tileattn.attention import _attention, _check_bias
+    from tileattn.block_mask import BlockMask
 
+    if block_mask is not None:
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask must be a tileattn.BlockMask, got {type(block_mask).__name__}")
+        block_mask.check_compatible(q, k)
+    _check_bias(bias, q, k)  # type / shape / device of the mask tensor, before any use
     if lse is None:
         with torch.no_grad():
             _, lse = _attention(q, k, k, window=None if (left, right) == (-1, -1) else (left, right),

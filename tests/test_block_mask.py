@@ -526,3 +526,19 @@ def test_plot_block_mask(tmp_path):
         mod.plot_block_mask(bm, str(tmp_path / "x.png"), b=1)
     assert mod.main(["--mask", "random", "--len", "200", "--block-size", "32", "--out", str(tmp_path / "r.png")]) == 0
     assert os.path.getsize(tmp_path / "r.png") > 1000
+
+
+def test_per_batch_predicates_need_their_batch_size():
+    """(B, N) document ids / (B,) prefix lengths with B=None would silently use batch 0: refused."""
+    import tileattn
+    from tileattn import masks as M
+
+    ids = torch.tensor([[0] * 20 + [1] * 12, [0] * 8 + [1] * 24])
+    with pytest.raises(ValueError, match="B=2"):
+        tileattn.create_block_mask(M.document(ids), None, None, 32, 32, block_size=16)
+    with pytest.raises(ValueError, match="B=2"):
+        tileattn.create_block_mask(M.prefix_lm(torch.tensor([3, 9])), None, None, 32, 32, block_size=16)
+    with pytest.raises(ValueError, match="cover 16 tokens"):
+        tileattn.create_block_mask(M.document(torch.zeros(16, dtype=torch.long)), None, None, 32, 32, block_size=16)
+    bm = tileattn.create_block_mask(M.document(ids), 2, None, 32, 32, block_size=16)
+    assert bm.B == 2

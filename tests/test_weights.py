@@ -149,3 +149,12 @@ def test_attention_maps_script(tmp_path):
     assert mod.main(["--out", str(out), "--seq", "20", "--dim", "16", "--heads", "2", "--layers", "1",
                      "--window", "4"]) == 0
     assert out.stat().st_size > 1000
+
+
+def test_weights_validate_block_mask_and_bias_first():
+    q = torch.randn(1, 2, 16, 16, device=DEVICE)
+    lse = torch.zeros(1, 2, 16, device=DEVICE)
+    with pytest.raises(TypeError, match="BlockMask"):
+        tileattn.attention_weights(q, q, lse, block_mask=torch.ones(16, 16, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError):
+        tileattn.attention_weights(q, q, lse, bias=[1, 2])
