@@ -167,6 +167,13 @@ def _load_and_score(
 
 
 @triton.jit
+def _tile_ptrs(P, i_b64, s_b, i_h, s_h, row0, s_n, o_r, o_c):
+    """Pointers of the tile rows ``row0 + o_r`` x columns ``o_c`` of head ``i_h`` of batch ``i_b64`` in a
+    (B, H, N, D) tensor: 64-bit scalar base, 32-bit offsets inside the tile."""
+    return P + i_b64 * s_b + i_h.to(tl.int64) * s_h + row0.to(tl.int64) * s_n + (o_r[:, None] * s_n + o_c[None, :])
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_F32: tl.constexpr, PREC: tl.constexpr):
     if DOT_F32:  # interpreter: bf16 tl.dot is wrong there (triton#11584)
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
@@ -202,7 +209,7 @@ def _attn_fwd(
     K += i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
     V += i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
     p_bias = BIAS_PTR + i_b64 * sb_b + i_h.to(tl.int64) * sb_h
-    b_q = tl.load(Q + i_b64 * s_qb + i_h.to(tl.int64) * s_qh + (i_m * BLOCK_M).to(tl.int64) * s_qn + o_r[:, None] * s_qn + o_d[None, :],
+    b_q = tl.load(_tile_ptrs(Q, i_b64, s_qb, i_h, s_qh, i_m * BLOCK_M, s_qn, o_r, o_d),
                   mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -232,7 +239,7 @@ def _attn_fwd(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     b_o = acc / l_safe[:, None]
     b_lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O + i_b64 * s_ob + i_h.to(tl.int64) * s_oh + (i_m * BLOCK_M).to(tl.int64) * s_on + o_r[:, None] * s_on + o_dv[None, :],
+    tl.store(_tile_ptrs(O, i_b64, s_ob, i_h, s_oh, i_m * BLOCK_M, s_on, o_r, o_dv),
              b_o.to(O.dtype.element_ty), mask=m_row[:, None] & (o_dv[None, :] < DV))
     tl.store(LSE + i_bh.to(tl.int64) * Nq + o_m, b_lse, mask=m_row)
 
@@ -266,9 +273,9 @@ def _attn_bwd_dq(
     K += i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
     V += i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
     p_bias = BIAS_PTR + i_b64 * sb_b + i_h.to(tl.int64) * sb_h
-    b_q = tl.load(Q + i_b64 * s_qb + i_h.to(tl.int64) * s_qh + (i_m * BLOCK_M).to(tl.int64) * s_qn + o_r[:, None] * s_qn + o_d[None, :],
+    b_q = tl.load(_tile_ptrs(Q, i_b64, s_qb, i_h, s_qh, i_m * BLOCK_M, s_qn, o_r, o_d),
                   mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
-    b_do = tl.load(DO + i_b64 * s_dob + i_h.to(tl.int64) * s_doh + (i_m * BLOCK_M).to(tl.int64) * s_don + o_r[:, None] * s_don + o_dv[None, :],
+    b_do = tl.load(_tile_ptrs(DO, i_b64, s_dob, i_h, s_doh, i_m * BLOCK_M, s_don, o_r, o_dv),
                    mask=m_row[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BM, BDV]
     b_lse = tl.load(LSE + i_bh.to(tl.int64) * Nq + o_m, mask=m_row, other=float("-inf"))
     b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)  # empty rows: p = 0
@@ -289,7 +296,7 @@ def _attn_bwd_dq(
         b_dp = _dot(b_do, tl.trans(b_v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
         dq = _dot(b_ds.to(b_k.dtype), b_k, dq, DOT_F32, PREC)  # [BM, BD]
-    tl.store(DQ + i_b64 * s_dqb + i_h.to(tl.int64) * s_dqh + (i_m * BLOCK_M).to(tl.int64) * s_dqn + o_r[:, None] * s_dqn + o_d[None, :],
+    tl.store(_tile_ptrs(DQ, i_b64, s_dqb, i_h, s_dqh, i_m * BLOCK_M, s_dqn, o_r, o_d),
              (dq * scale).to(DQ.dtype.element_ty), mask=m_row[:, None] & (o_d[None, :] < D))
 
 
@@ -321,9 +328,9 @@ def _attn_bwd_dkdv(
     o_dv = tl.arange(0, BLOCK_DV)
     m_n = o_n < Nk
     i_b64 = i_b.to(tl.int64)
-    b_k = tl.load(K + i_b64 * s_kb + i_hk.to(tl.int64) * s_kh + (i_n * BLOCK_N).to(tl.int64) * s_kn + o_r[:, None] * s_kn + o_d[None, :],
+    b_k = tl.load(_tile_ptrs(K, i_b64, s_kb, i_hk, s_kh, i_n * BLOCK_N, s_kn, o_r, o_d),
                   mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
-    b_v = tl.load(V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh + (i_n * BLOCK_N).to(tl.int64) * s_vn + o_r[:, None] * s_vn + o_dv[None, :],
+    b_v = tl.load(_tile_ptrs(V, i_b64, s_vb, i_hk, s_vh, i_n * BLOCK_N, s_vn, o_r, o_dv),
                   mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -356,9 +363,9 @@ def _attn_bwd_dkdv(
             b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
             b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
             dk = _dot(b_dst.to(b_q.dtype), b_q, dk, DOT_F32, PREC)  # [BN, BD]
-    tl.store(DK + i_b64 * s_dkb + i_hk.to(tl.int64) * s_dkh + (i_n * BLOCK_N).to(tl.int64) * s_dkn + o_r[:, None] * s_dkn + o_d[None, :],
+    tl.store(_tile_ptrs(DK, i_b64, s_dkb, i_hk, s_dkh, i_n * BLOCK_N, s_dkn, o_r, o_d),
              (dk * scale).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
-    tl.store(DV_PTR + i_b64 * s_dvb + i_hk.to(tl.int64) * s_dvh + (i_n * BLOCK_N).to(tl.int64) * s_dvn + o_r[:, None] * s_dvn + o_dv[None, :],
+    tl.store(_tile_ptrs(DV_PTR, i_b64, s_dvb, i_hk, s_dvh, i_n * BLOCK_N, s_dvn, o_r, o_dv),
              dv.to(DV_PTR.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < DV))
 
 
