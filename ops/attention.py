@@ -7,7 +7,7 @@ import torch
 
 from tileattn._utils import check_attention_inputs, check_scale, check_window, use_triton
 from tileattn.kernels.attention import attention_backward, attention_forward
-from tileattn.reference import _expand_kv, visible_mask
+from tileattn.reference import attention_ref
 
 __all__ = ["attention"]
 
@@ -40,25 +40,10 @@ def _check_bias(bias: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor) 
 
 def _reference_path(q, k, v, window, block_mask, bias, scale):
     """Differentiable float64 PyTorch path (CPU tensors without the Triton interpreter)."""
-    hq = q.shape[1]
-    qd, kd, vd = q.double(), _expand_kv(k, hq).double(), _expand_kv(v, hq).double()
-    s = torch.matmul(qd, kd.transpose(-1, -2)) * scale
-    ok = visible_mask(q.shape[2], k.shape[2], window=window, device=q.device)
-    if block_mask is not None:
-        ok = ok & block_mask.to_dense().to(q.device)
-    if bias is not None:
-        if bias.dtype == torch.bool:
-            ok = ok & bias
-        else:
-            s = s + bias.double()
-    s = s.masked_fill(~ok, float("-inf"))
-    m = s.amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    e = torch.exp(s - m)
-    l = e.sum(-1, keepdim=True)
-    l_safe = torch.where(l > 0, l, torch.ones_like(l))
-    out = torch.matmul(e / l_safe, vd)
-    lse = torch.where(l > 0, m + torch.log(l_safe), torch.full_like(l, float("-inf"))).squeeze(-1)
+    mask = None if block_mask is None else block_mask.to_dense().to(q.device)
+    if bias is not None and bias.dtype == torch.bool:
+        mask, bias = (bias if mask is None else mask & bias), None
+    out, lse = attention_ref(q, k, v, window=window, mask=mask, bias=bias, scale=scale, upcast=True)
     return out.to(q.dtype), lse.float()
 
 

@@ -66,12 +66,14 @@ def attention_ref(
     mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     upcast: bool = False,
+    bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention; returns ``(out, lse)``.
 
     q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv); Hq % Hkv == 0 (query head h uses
     key/value head ``h // (Hq // Hkv)``, like SDPA ``enable_gqa``). ``mask``: boolean, broadcastable
-    to (B, Hq, Nq, Nk), True = attend; combined (AND) with ``causal`` / ``window``.
+    to (B, Hq, Nq, Nk), True = attend; combined (AND) with ``causal`` / ``window``. ``bias``: float,
+    broadcastable to (B, Hq, Nq, Nk), added to the scaled scores (SDPA's float ``attn_mask``).
 
     With ``upcast`` everything is computed in float64 (the ground truth). Without it, the matmuls
     run in the input dtype and the softmax in float32 (what a same-dtype PyTorch program does).
@@ -86,6 +88,8 @@ def attention_ref(
     k, v = _expand_kv(k, hq), _expand_kv(v, hq)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     s = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    if bias is not None:
+        s = s + bias.to(device=s.device, dtype=s.dtype)
     ok = visible_mask(nq, nk, causal=causal, window=window, device=q.device)
     if mask is not None:
         ok = ok & mask.to(device=q.device, dtype=torch.bool)

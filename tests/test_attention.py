@@ -218,3 +218,20 @@ def test_mask_tensor_path(kind, shape):
     assert_close("lse", lse, l2, dtype=torch.float32)
     for name, a, b in (("dq", q, q2), ("dk", k, k2), ("dv", v, v2)):
         assert_close(name, a.grad, b.grad, dtype=torch.float32)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the PyTorch fallback is for CPU tensors without the interpreter")
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_cpu_fallback_matches_kernels_with_mask_tensor(monkeypatch, kind):
+    import tileattn._utils as U
+    from tileattn.attention import _attention
+
+    q, k, v = (randn(2, 2, 33, 16, dtype=torch.float32) for _ in range(3))
+    m = torch.rand(33, 33) > 0.3 if kind == "bool" else torch.randn(1, 2, 33, 33)
+    out_k, lse_k = _attention(q, k, v, window=(8, 0), bias=m, return_lse=True)
+    monkeypatch.setattr(U, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(U, "_warned", set())
+    with pytest.warns(UserWarning):
+        out_r, lse_r = _attention(q, k, v, window=(8, 0), bias=m, return_lse=True)
+    assert_close("out", out_k, out_r.double(), dtype=torch.float32)
+    assert_close("lse", lse_k, lse_r.double(), dtype=torch.float32)
