@@ -105,13 +105,14 @@ def _mask_scores(
 def _walk_setup(
     start, BT: tl.constexpr, BSTEP: tl.constexpr, Nt, Ns, off, lo_w, hi_w,
     NUM_F, NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
-    SPARSE: tl.constexpr, BS_THIS: tl.constexpr, BS_OTHER: tl.constexpr,
+    SPARSE: tl.constexpr, BS_THIS: tl.constexpr, BS_OTHER: tl.constexpr, lim_lo=0, lim_hi=2147483647,
 ):
     """Plan the single loop of a program owning the tile [start, start + BT) of one axis, stepping BSTEP
     along the other axis. Dense / windowed: tiles [lo, hi) that intersect the window (index visibility
     ``lo_w <= other - this - off <= hi_w``, clamped non-negative before dividing). Sparse: the
     BlockMask's full then partial blocks of this (b, h, block), BS_OTHER // BSTEP steps per block.
-    Returns (n_steps, lo, n_full, list offset)."""
+    ``[lim_lo, lim_hi)`` (multiples of BSTEP) restricts the dense walk to one split of the other axis
+    (split-KV decoding). Returns (n_steps, lo, n_full, list offset)."""
     if SPARSE:
         i_blk = start // BS_THIS
         n_full = tl.load(NUM_F + i_b * sn_b + i_h * sn_h + i_blk)
@@ -120,8 +121,8 @@ def _walk_setup(
         return (n_full + n_part) * (BS_OTHER // BSTEP), 0, n_full, p_l
     else:
         last = tl.minimum(start + BT, Nt) - 1
-        lo_j = tl.maximum(start + off + lo_w, 0)
-        hi_j = tl.maximum(tl.minimum(last + off + hi_w + 1, Ns), 0)
+        lo_j = tl.maximum(tl.maximum(start + off + lo_w, 0), lim_lo)
+        hi_j = tl.maximum(tl.minimum(tl.minimum(last + off + hi_w + 1, Ns), lim_hi), 0)
         lo = (lo_j // BSTEP) * BSTEP
         return tl.cdiv(tl.maximum(hi_j - lo, 0), BSTEP), lo, 0, 0
 
@@ -191,13 +192,18 @@ def _attn_fwd(
     sb_b, sb_h, sb_m, sb_n,
     sn_b, sn_h, si_b, si_h, si_m,
     H, G, Nq, Nk, qk_scale, left, right,
+    split_keys, s_os, s_ls,
     N_BUCKET_Q, N_BUCKET_K,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     COUNT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    # program (query tile, batch * head, key split); split-KV decoding writes per-split partial (O, LSE)
+    # at split strides s_os / s_ls, combined by the launcher
+    i_m, i_bh, i_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    O += i_sp.to(tl.int64) * s_os
+    LSE += i_sp.to(tl.int64) * s_ls
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
     o_r = tl.arange(0, BLOCK_M)
@@ -217,7 +223,7 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     n_steps, lo, n_full, p_l = _walk_setup(i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right,
                                            KV_NUM_F, KV_NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
-                                           SPARSE, BSQ, BSK)
+                                           SPARSE, BSQ, BSK, i_sp * split_keys, (i_sp + 1) * split_keys)
     q0 = (i_m * BLOCK_M // BSQ) * BSQ
     for t in range(0, n_steps):
         start_n, k0, i_mid = _walk_step(t, lo, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P, SPARSE, BSK, BLOCK_N)
@@ -456,16 +462,57 @@ def _window_args(left: int, right: int, nq: int, nk: int):
     return (big if left < 0 else left), (big if right < 0 else right), windowed
 
 
+SPLIT_ALIGN = 128  # key splits are multiples of every BLOCK_N
+
+
+def _auto_splits(B: int, Hq: int, Nq: int, Nk: int, device: torch.device) -> int:
+    """Split-KV (flash-decoding) for short queries over long keys, when the (query tile x head) grid
+    alone would leave most SMs idle. The number of splits is a heuristic, not a measured optimum."""
+    if device.type != "cuda" or Nq > 64 or Nk < 1024:
+        return 1
+    programs = B * Hq * triton.cdiv(Nq, 64)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), Nk // 512, 64))
+
+
+def _combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype):
+    """Merge per-split partial results: lse = logsumexp_s lse_s, out = sum_s exp(lse_s - lse) out_s.
+    Splits (or rows) that saw no key carry lse_s = -inf and weigh 0; a row empty everywhere stays 0 / -inf."""
+    lse = torch.logsumexp(lse_part, dim=0)
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    w = torch.exp(lse_part - lse_safe)  # (S, B, H, Nq)
+    out = (w.unsqueeze(-1) * o_part).sum(0)
+    return out.to(dtype), lse
+
+
 def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
                       bias: Optional[torch.Tensor] = None, sparse: Optional[Sequence[torch.Tensor]] = None,
-                      count_visits: bool = False):
+                      count_visits: bool = False, num_splits: Optional[int] = None):
     """Launch the forward. q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), any strides with a
     unit last dim. Returns out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32 and, with
-    ``count_visits``, the (B*Hq, n_query_tiles) int32 count of key tiles each program visited."""
+    ``count_visits``, the (B*Hq, n_query_tiles) int32 count of key tiles each program visited.
+    ``num_splits`` > 1 splits the keys into that many ranges run by separate programs (split-KV
+    decoding), combined afterwards; None picks it automatically (only on CUDA, for short queries)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    out = alloc(B, Hq, Nq, Dv, device=q.device, dtype=q.dtype)
-    lse = alloc(B, Hq, Nq, device=q.device, dtype=torch.float32)
+    splits = _auto_splits(B, Hq, Nq, Nk, q.device) if num_splits is None else int(num_splits)
+    split_keys = 1 << 30
+    if splits > 1 and sparse is None and not count_visits:
+        split_keys = triton.cdiv(triton.cdiv(Nk, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+        splits = triton.cdiv(Nk, split_keys)
+    else:
+        splits = 1
+    if splits > 1:
+        o_part = alloc(splits, B, Hq, Nq, Dv, device=q.device, dtype=torch.float32)
+        lse_part = alloc(splits, B, Hq, Nq, device=q.device, dtype=torch.float32)
+        out, lse = o_part[0], lse_part[0]
+        split_strides = (o_part.stride(0), lse_part.stride(0))
+    else:
+        out = alloc(B, Hq, Nq, Dv, device=q.device, dtype=q.dtype)
+        lse = alloc(B, Hq, Nq, device=q.device, dtype=torch.float32)
+        split_strides = (0, 0)
     bias_t, sb, bias_mode = _bias_args(bias, q)
     sp, sl, bsq, bsk = _sparse_args(sparse, B, Hq, False, q)
     left_, right_, windowed = _window_args(left, right, Nq, Nk)
@@ -481,10 +528,14 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
     args = (q, k, v, out, lse, bias_t, *sp[:5], sp[5], visits,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            *sb, *sl, Hq, Hq // Hkv, Nq, Nk, scale * LOG2E, left_, right_, seqlen_bucket(Nq), seqlen_bucket(Nk))
+            *sb, *sl, Hq, Hq // Hkv, Nq, Nk, scale * LOG2E, left_, right_, split_keys, *split_strides,
+            seqlen_bucket(Nq), seqlen_bucket(Nk))
     meta = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, WINDOWED=windowed, SPARSE=sparse is not None,
                 BIAS=bias_mode, BSQ=bsq, BSK=bsk, COUNT=count_visits, DOT_F32=dot_f32, PREC=prec)
-    _launch(_attn_fwd, FWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq), args, meta, max(BD, BDV), q.dtype, q.device)
+    _launch(_attn_fwd, FWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq, splits), args, meta,
+            max(BD, BDV), q.dtype, q.device)
+    if splits > 1:
+        out, lse = _combine_splits(o_part, lse_part, q.dtype)
     return (out, lse, visits) if count_visits else (out, lse)
 
 
