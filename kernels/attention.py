@@ -105,7 +105,7 @@ def _mask_scores(
 def _walk_setup(
     start, BT: tl.constexpr, BSTEP: tl.constexpr, Nt, Ns, off, lo_w, hi_w,
     NUM_F, NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
-    SPARSE: tl.constexpr, BS_THIS: tl.constexpr, BS_OTHER: tl.constexpr, lim_lo=0, lim_hi=2147483647,
+    SPARSE: tl.constexpr, BS_THIS: tl.constexpr, BS_OTHER: tl.constexpr, lim_lo, lim_hi,
 ):
     """Plan the single loop of a program owning the tile [start, start + BT) of one axis, stepping BSTEP
     along the other axis. Dense / windowed: tiles [lo, hi) that intersect the window (index visibility
@@ -289,7 +289,7 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_steps, lo, n_full, p_l = _walk_setup(i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right,
                                            KV_NUM_F, KV_NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
-                                           SPARSE, BSQ, BSK)
+                                           SPARSE, BSQ, BSK, 0, Nk)
     q0 = (i_m * BLOCK_M // BSQ) * BSQ
     for t in range(0, n_steps):
         start_n, k0, i_mid = _walk_step(t, lo, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P, SPARSE, BSK, BLOCK_N)
@@ -352,7 +352,7 @@ def _attn_bwd_dkdv(
         # query i sees key j iff -right <= i - j - (Nq - Nk) <= left
         n_steps, lo, n_full, p_l = _walk_setup(i_n * BLOCK_N, BLOCK_N, BLOCK_M, Nk, Nq, Nq - Nk, -right, left,
                                                Q_NUM_F, Q_NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
-                                               SPARSE, BSK, BSQ)
+                                               SPARSE, BSK, BSQ, 0, Nq)
         for t in range(0, n_steps):
             start_m, q0, i_mid = _walk_step(t, lo, n_full, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P, SPARSE, BSQ, BLOCK_M)
             o_m = start_m + tl.arange(0, BLOCK_M)
