@@ -123,6 +123,8 @@ def _qkv(*shapes, dtype=torch.float16):
         pytest.param(lambda: [torch.randn(1, 2, 8, 16).transpose(-1, -2)] + _qkv((1, 2, 16, 8), (1, 2, 16, 8),
                      dtype=torch.float32), ValueError, "unit stride", id="last-stride"),
         pytest.param(lambda: ["q", "k", "v"], TypeError, "torch.Tensor", id="not-a-tensor"),
+        pytest.param(lambda: _qkv((1, 2, 16, 8), (1, 2, 16, 8)) + [torch.empty(1, 2, 16, 8, dtype=torch.float16,
+                     device="meta")], ValueError, "one device", id="device-mismatch"),
     ],
 )
 def test_bad_inputs(make, exc, match):
