@@ -175,6 +175,29 @@ def _tile_ptrs(P, i_b64, s_b, i_h, s_h, row0, s_n, o_r, o_c):
 
 
 @triton.jit
+def _query_program(
+    Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Prologue of a program owning query tile ``i_m`` of (batch, head) ``i_bh`` (forward and dQ):
+    indices, row offsets, the K / V / mask bases of its (GQA) head, and the query tile [BM, BD]."""
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // G
+    o_r = tl.arange(0, BLOCK_M)
+    o_m = i_m * BLOCK_M + o_r
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_row = o_m < Nq
+    i_b64 = i_b.to(tl.int64)
+    K += i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
+    V += i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
+    p_bias = BIAS_PTR + i_b64 * sb_b + i_h.to(tl.int64) * sb_h
+    b_q = tl.load(_tile_ptrs(Q, i_b64, s_qb, i_h, s_qh, i_m * BLOCK_M, s_qn, o_r, o_d),
+                  mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
+    return i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_F32: tl.constexpr, PREC: tl.constexpr):
     if DOT_F32:  # interpreter: bf16 tl.dot is wrong there (triton#11584)
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
@@ -204,19 +227,9 @@ def _attn_fwd(
     i_m, i_bh, i_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     O += i_sp.to(tl.int64) * s_os
     LSE += i_sp.to(tl.int64) * s_ls
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // G
-    o_r = tl.arange(0, BLOCK_M)
-    o_m = i_m * BLOCK_M + o_r
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_row = o_m < Nq
-    i_b64 = i_b.to(tl.int64)
-    K += i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
-    V += i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
-    p_bias = BIAS_PTR + i_b64 * sb_b + i_h.to(tl.int64) * sb_h
-    b_q = tl.load(_tile_ptrs(Q, i_b64, s_qb, i_h, s_qh, i_m * BLOCK_M, s_qn, o_r, o_d),
-                  mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
+    i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q = _query_program(
+        Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
+        D, BLOCK_D, BLOCK_DV, BLOCK_M)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -268,19 +281,9 @@ def _attn_bwd_dq(
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // G
-    o_r = tl.arange(0, BLOCK_M)
-    o_m = i_m * BLOCK_M + o_r
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    m_row = o_m < Nq
-    i_b64 = i_b.to(tl.int64)
-    K += i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
-    V += i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
-    p_bias = BIAS_PTR + i_b64 * sb_b + i_h.to(tl.int64) * sb_h
-    b_q = tl.load(_tile_ptrs(Q, i_b64, s_qb, i_h, s_qh, i_m * BLOCK_M, s_qn, o_r, o_d),
-                  mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
+    i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q = _query_program(
+        Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
+        D, BLOCK_D, BLOCK_DV, BLOCK_M)
     b_do = tl.load(_tile_ptrs(DO, i_b64, s_dob, i_h, s_doh, i_m * BLOCK_M, s_don, o_r, o_dv),
                    mask=m_row[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BM, BDV]
     b_lse = tl.load(LSE + i_bh.to(tl.int64) * Nq + o_m, mask=m_row, other=float("-inf"))
