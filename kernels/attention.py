@@ -37,8 +37,8 @@ LN2 = 0.6931471805599453
 # ("mask": its tile loads need smaller tiles), fp32 (TF32 dots).
 FWD_CONFIGS = {
     "sm90": {64: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-             128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 2)],
-             256: [(128, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)]},
+             128: [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+             256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)]},
     "sm80": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
              128: [(64, 64, 8, 3), (128, 32, 8, 3), (32, 32, 4, 2)],
              256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
@@ -49,10 +49,26 @@ FWD_CONFIGS = {
              128: [(32, 32, 4, 2), (16, 32, 4, 1)],
              256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
 }
-BWD_CONFIGS = {
-    "sm90": {64: [(64, 64, 4, 2), (32, 64, 4, 2)],
-             128: [(64, 32, 8, 2), (32, 32, 4, 2)],
+# dQ: BLOCK_M query rows per program (the M of all three MMAs: 64 per warpgroup on sm_90), BLOCK_N keys a step.
+DQ_CONFIGS = {
+    "sm90": {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
+             128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+             256: [(64, 32, 4, 1)]},
+    "sm80": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
+             128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
              256: [(16, 32, 4, 1)]},
+    "mask": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
+             128: [(32, 32, 4, 2), (32, 16, 4, 1)],
+             256: [(32, 16, 4, 1)]},
+    "fp32": {64: [(16, 16, 4, 1)],
+             128: [(16, 16, 4, 1)],
+             256: [(16, 16, 4, 1)]},
+}
+# dK/dV: BLOCK_N key rows per program (the M of all four MMAs: 64 per warpgroup on sm_90), BLOCK_M queries a step.
+DKDV_CONFIGS = {
+    "sm90": {64: [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2)],
+             128: [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
+             256: [(32, 64, 4, 1)]},
     "sm80": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
              128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
              256: [(16, 32, 4, 1)]},
@@ -71,7 +87,7 @@ def _dim_bucket(bd: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared tile helpers: the "walk" (which tiles a program visits) and the mask variants
+# Shared tile helpers: the "walk" (which tiles a program visits, in two phases) and the tile body
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _mask_scores(
@@ -79,10 +95,10 @@ def _mask_scores(
     p_bias, sb_m, sb_n, p_emask, i_mid, q0, k0,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSK: tl.constexpr,
 ):
-    """Apply every mask variant to a score tile ``s`` (log2 domain). ``i_q`` / ``i_k`` are broadcastable
-    query / key index tiles (either orientation: [BM, 1] x [1, BN] or [1, BM] x [BN, 1]). Always: bounds.
-    WINDOWED: the aligned (left, right) window. SPARSE: the block's stored element mask (block origin
-    (q0, k0)) when ``i_mid >= 0`` (partial block); full blocks have ``i_mid = -1``."""
+    """Apply every mask variant to a scaled score tile ``s`` (log2 domain) of a boundary step. ``i_q`` /
+    ``i_k`` are broadcastable query / key index tiles (either orientation: [BM, 1] x [1, BN] or [1, BM] x
+    [BN, 1]). Always: bounds. WINDOWED: the aligned (left, right) window. SPARSE: the block's stored element
+    mask (block origin (q0, k0)) when ``i_mid >= 0`` (partial block); full blocks have ``i_mid = -1``."""
     m_in = (i_q < Nq) & (i_k < Nk)
     m_ok = m_in
     if WINDOWED:
@@ -105,66 +121,85 @@ def _mask_scores(
 def _walk_setup(
     start, BT: tl.constexpr, BSTEP: tl.constexpr, Nt, Ns, off, lo_w, hi_w,
     NUM_F, NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
-    SPARSE: tl.constexpr, BS_THIS: tl.constexpr, BS_OTHER: tl.constexpr, lim_lo, lim_hi,
+    SPARSE: tl.constexpr, ALL_MASKED: tl.constexpr, BS_THIS: tl.constexpr, BS_OTHER: tl.constexpr,
+    lim_lo, lim_hi,
 ):
-    """Plan the single loop of a program owning the tile [start, start + BT) of one axis, stepping BSTEP
-    along the other axis. Dense / windowed: tiles [lo, hi) that intersect the window (index visibility
-    ``lo_w <= other - this - off <= hi_w``, clamped non-negative before dividing). Sparse: the
-    BlockMask's full then partial blocks of this (b, h, block), BS_OTHER // BSTEP steps per block.
-    ``[lim_lo, lim_hi)`` (multiples of BSTEP) restricts the dense walk to one split of the other axis
-    (split-KV decoding). Returns (n_steps, lo, n_full, list offset)."""
+    """Plan the two phases of a program owning the tile [start, start + BT) of one axis, stepping BSTEP
+    along the other axis. Steps [0, n_int) are *interior*: every (this, other) pair of the step is in
+    bounds and visible, so they run the unmasked body; steps [n_int, n_steps) are *boundary* steps (the
+    masked body). Dense / windowed: the tiles [lo, hi) that intersect the window (index visibility
+    ``lo_w <= other - this - off <= hi_w``); interior tiles are [lo_u, hi_u), boundary ones lie on either
+    side. Sparse: the BlockMask's full blocks (interior) then partial blocks (boundary), BS_OTHER // BSTEP
+    steps per block. ALL_MASKED (a bias tensor) sends every step through the masked body. ``[lim_lo,
+    lim_hi)`` (multiples of BSTEP) restricts the dense walk to one split of the other axis (split-KV).
+    Returns (n_int, n_steps, lo, lo_u, hi_u, n_full, list offset)."""
     if SPARSE:
+        SUB: tl.constexpr = BS_OTHER // BSTEP
         i_blk = start // BS_THIS
         n_full = tl.load(NUM_F + i_b * sn_b + i_h * sn_h + i_blk)
         n_part = tl.load(NUM_P + i_b * sn_b + i_h * sn_h + i_blk)
         p_l = i_b.to(tl.int64) * si_b + i_h.to(tl.int64) * si_h + i_blk * si_m
-        return (n_full + n_part) * (BS_OTHER // BSTEP), 0, n_full, p_l
+        n_int = n_full * SUB
+        if ALL_MASKED:
+            n_int = 0
+        return n_int, (n_full + n_part) * SUB, 0, 0, 0, n_full, p_l
     else:
         last = tl.minimum(start + BT, Nt) - 1
         lo_j = tl.maximum(tl.maximum(start + off + lo_w, 0), lim_lo)
         hi_j = tl.maximum(tl.minimum(tl.minimum(last + off + hi_w + 1, Ns), lim_hi), 0)
         lo = (lo_j // BSTEP) * BSTEP
-        return tl.cdiv(tl.maximum(hi_j - lo, 0), BSTEP), lo, 0, 0
+        n_steps = tl.cdiv(tl.maximum(hi_j - lo, 0), BSTEP)
+        hi = lo + n_steps * BSTEP
+        # interior: others visible to the last row of this tile and to its first row, and in bounds
+        a = tl.maximum(last + off + lo_w, lo)
+        b = tl.maximum(tl.minimum(start + off + hi_w + 1, Ns), 0)
+        lo_u = tl.minimum(tl.cdiv(a, BSTEP) * BSTEP, hi)
+        hi_u = tl.minimum(tl.maximum((b // BSTEP) * BSTEP, lo_u), hi)
+        if ALL_MASKED:
+            lo_u = lo
+            hi_u = lo
+        return (hi_u - lo_u) // BSTEP, n_steps, lo, lo_u, hi_u, 0, 0
 
 
 @triton.jit
-def _walk_step(t, lo, n_full, p_l, IDX_F, IDX_P, MID_P,
-               SPARSE: tl.constexpr, BS_OTHER: tl.constexpr, BSTEP: tl.constexpr):
-    """Step ``t`` of the loop: (tile start on the other axis, its block origin, partial-mask id or -1)."""
+def _walk_step(t, n_int, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+               MASKED: tl.constexpr, SPARSE: tl.constexpr, BS_OTHER: tl.constexpr, BSTEP: tl.constexpr):
+    """Step ``t`` of the walk: (tile start on the other axis, its block origin, partial-mask id or -1).
+    Interior steps (not MASKED) take the interior tiles / full blocks; boundary steps (``t >= n_int``) take
+    the tiles left of the interior, then those right of it / the partial blocks."""
     if SPARSE:
         SUB: tl.constexpr = BS_OTHER // BSTEP
         e = t // SUB
-        is_full = e < n_full
-        i_blk = tl.load(IDX_F + p_l + e, mask=is_full, other=0) + \
-            tl.load(IDX_P + p_l + (e - n_full), mask=e >= n_full, other=0)
-        i_mid = tl.where(is_full, -1, tl.load(MID_P + p_l + (e - n_full), mask=e >= n_full, other=0))
+        if MASKED:
+            is_full = e < n_full
+            i_blk = tl.load(IDX_F + p_l + e, mask=is_full, other=0) + \
+                tl.load(IDX_P + p_l + (e - n_full), mask=e >= n_full, other=0)
+            i_mid = tl.where(is_full, -1, tl.load(MID_P + p_l + (e - n_full), mask=e >= n_full, other=0))
+        else:
+            i_blk = tl.load(IDX_F + p_l + e)
+            i_mid = -1
         return i_blk * BS_OTHER + (t % SUB) * BSTEP, i_blk * BS_OTHER, i_mid
     else:
-        return lo + t * BSTEP, 0, -1
+        if MASKED:
+            u = t - n_int
+            n_left = (lo_u - lo) // BSTEP
+            return tl.where(u < n_left, lo + u * BSTEP, hi_u + (u - n_left) * BSTEP), 0, -1
+        return lo_u + t * BSTEP, 0, -1
 
 
 @triton.jit
-def _load_and_score(
-    b_a, X, Y, start, s_xn, s_yn, Nt, o_d, o_dv, qk_scale, i_q, i_k, Nq, Nk, left, right,
-    p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0,
-    BA: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
-):
-    """One step of every kernel's loop: load the step's rows of X [BT, BD] and Y [BT, BDV] (k / v for the
-    forward and dQ, q / dO for dK/dV) and return them with the masked scores ``b_a @ X^T`` [BA, BT] in the
-    log2 domain. ``i_q`` / ``i_k`` orient the mask (see :func:`_mask_scores`)."""
-    o_r = tl.arange(0, BT)
-    m_t = start + o_r < Nt
-    X += start.to(tl.int64) * s_xn  # 64-bit row base, 32-bit offsets inside the tile
-    Y += start.to(tl.int64) * s_yn
-    b_x = tl.load(X + o_r[:, None] * s_xn + o_d[None, :], mask=m_t[:, None] & (o_d[None, :] < D), other=0.0)  # [BT, BD]
-    b_y = tl.load(Y + o_r[:, None] * s_yn + o_dv[None, :], mask=m_t[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BT, BDV]
-    b_s = _dot(b_a, tl.trans(b_x), tl.zeros([BA, BT], dtype=tl.float32), DOT_F32, PREC) * qk_scale  # [BA, BT]
-    b_s = _mask_scores(b_s, i_q, i_k, Nq, Nk, left, right, p_bias, sb_m, sb_n,
-                       EMASK + tl.maximum(i_mid, 0).to(tl.int64) * (BSQ * BSK), i_mid, q0, k0,
-                       WINDOWED, SPARSE, BIAS, BSK)
-    return b_x, b_y, b_s
+def _load_tile(P, row0, s_n, o_r, o_c, n_rows, n_cols, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Rows ``row0 + o_r`` x columns ``o_c`` of a row-major slice with row stride ``s_n`` (64-bit row base,
+    32-bit offsets inside the tile), zero-filled past ``n_rows`` (ROWS) / ``n_cols`` (COLS); interior
+    steps of a head dim that is a power of two load with no mask at all."""
+    p = P + row0.to(tl.int64) * s_n + (o_r[:, None] * s_n + o_c[None, :])
+    if ROWS:
+        if COLS:
+            return tl.load(p, mask=((row0 + o_r) < n_rows)[:, None] & (o_c < n_cols)[None, :], other=0.0)
+        return tl.load(p, mask=((row0 + o_r) < n_rows)[:, None], other=0.0)
+    if COLS:
+        return tl.load(p, mask=(o_c < n_cols)[None, :], other=0.0)
+    return tl.load(p)
 
 
 @triton.jit
@@ -172,6 +207,55 @@ def _tile_ptrs(P, i_b64, s_b, i_h, s_h, row0, s_n, o_r, o_c):
     """Pointers of the tile rows ``row0 + o_r`` x columns ``o_c`` of head ``i_h`` of batch ``i_b64`` in a
     (B, H, N, D) tensor: 64-bit scalar base, 32-bit offsets inside the tile."""
     return P + i_b64 * s_b + i_h.to(tl.int64) * s_h + row0.to(tl.int64) * s_n + (o_r[:, None] * s_n + o_c[None, :])
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    if DOT_F32:  # interpreter: bf16 tl.dot is wrong there (triton#11584)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _load_and_score(
+    b_a, X, Y, start, s_xn, s_yn, Nt, qk_scale, i_q, i_k, Nq, Nk, left, right,
+    p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0,
+    BA: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+    WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """The tile body of every kernel: load the step's rows of X [BT, BD] and Y [BT, BDV] (k / v for the
+    forward and dQ, q / dO for dK/dV) and score ``b_a @ X^T`` [BA, BT]. Boundary steps (MASKED) return the
+    scores scaled to the log2 domain with every mask applied (``i_q`` / ``i_k`` orient it, see
+    :func:`_mask_scores`); interior steps return the raw dot product, scaled by the caller inside its
+    exp2 (one FFMA, see :func:`_exp2_sub`)."""
+    o_r = tl.arange(0, BT)
+    b_x = _load_tile(X, start, s_xn, o_r, tl.arange(0, BLOCK_D), Nt, D, MASKED, D < BLOCK_D)  # [BT, BD]
+    b_y = _load_tile(Y, start, s_yn, o_r, tl.arange(0, BLOCK_DV), Nt, DV, MASKED, DV < BLOCK_DV)  # [BT, BDV]
+    b_s = _dot(b_a, tl.trans(b_x), tl.zeros([BA, BT], dtype=tl.float32), DOT_F32, PREC)  # [BA, BT]
+    if MASKED:
+        b_s = _mask_scores(b_s * qk_scale, i_q, i_k, Nq, Nk, left, right, p_bias, sb_m, sb_n,
+                           EMASK + tl.maximum(i_mid, 0).to(tl.int64) * (BSQ * BSK), i_mid, q0, k0,
+                           WINDOWED, SPARSE, BIAS, BSK)
+    return b_x, b_y, b_s
+
+
+@triton.jit
+def _exp2_sub(b_s, m, qk_scale, MASKED: tl.constexpr):
+    """exp2(scores - m) of a tile from :func:`_load_and_score` (``m`` broadcast by the caller)."""
+    if MASKED:
+        return tl.math.exp2(b_s - m)
+    return tl.math.exp2(b_s * qk_scale - m)
+
+
+@triton.jit
+def _signed(b_x, qk_scale):
+    """The score operand with the scale's sign folded in: kernels scale by |scale| (qk_scale >= 0 keeps
+    max(s) * qk_scale the row maximum of the scaled scores)."""
+    if qk_scale < 0:
+        b_x = -b_x
+    return b_x
 
 
 @triton.jit
@@ -192,21 +276,46 @@ def _query_program(
     K += i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
     V += i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
     p_bias = BIAS_PTR + i_b64 * sb_b + i_h.to(tl.int64) * sb_h
-    b_q = tl.load(_tile_ptrs(Q, i_b64, s_qb, i_h, s_qh, i_m * BLOCK_M, s_qn, o_r, o_d),
-                  mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
+    b_q = _load_tile(Q + i_b64 * s_qb + i_h.to(tl.int64) * s_qh, i_m * BLOCK_M, s_qn, o_r, o_d, Nq, D,
+                     True, D < BLOCK_D)  # [BM, BD]
     return i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q
 
 
+# ----------------------------------------------------------------------------------------------------
+# Forward: one program per (query tile, batch * query head, key split)
+# ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr, PREC: tl.constexpr):
-    if DOT_F32:  # interpreter: bf16 tl.dot is wrong there (triton#11584)
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc, input_precision=PREC)
+def _fwd_steps(
+    acc, m_i, l_i, t0, t1, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+    p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+    WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """Steps [t0, t1) of the forward walk: online softmax in the log2 domain."""
+    for t in range(t0, t1):
+        start_n, k0, i_mid = _walk_step(t, t0, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+                                        MASKED, SPARSE, BSK, BLOCK_N)
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
+            b_q, K, V, start_n, s_kn, s_vn, Nk, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
+            p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED,
+            WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+        if MASKED:
+            m_new = tl.maximum(m_i, tl.max(b_s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
+            m_use = m_new
+        b_p = _exp2_sub(b_s, m_use[:, None], qk_scale, MASKED)  # [BM, BN]
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        acc = _dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], DOT_F32, PREC)  # [BM, BDV]
+        m_i = m_new
+    return acc, m_i, l_i
 
 
-# ----------------------------------------------------------------------------------------------------
-# Forward: one program per (query tile, batch * query head)
-# ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, BIAS_PTR,
@@ -222,38 +331,36 @@ def _attn_fwd(
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     COUNT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    # program (query tile, batch * head, key split); split-KV decoding writes per-split partial (O, LSE)
-    # at split strides s_os / s_ls, combined by the launcher
-    i_m, i_bh, i_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # program (query tile, batch * head, key split); the last query tiles (the heaviest under a causal
+    # mask) start first. Split-KV decoding writes per-split partial (O, LSE) at split strides s_os / s_ls,
+    # combined by the launcher.
+    i_m, i_bh, i_sp = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
     O += i_sp.to(tl.int64) * s_os
     LSE += i_sp.to(tl.int64) * s_ls
     i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q = _query_program(
         Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
         D, BLOCK_D, BLOCK_DV, BLOCK_M)
+    b_q = _signed(b_q, qk_scale)
+    qk_scale = tl.abs(qk_scale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    n_steps, lo, n_full, p_l = _walk_setup(i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right,
-                                           KV_NUM_F, KV_NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
-                                           SPARSE, BSQ, BSK, i_sp * split_keys, (i_sp + 1) * split_keys)
+    n_int, n_steps, lo, lo_u, hi_u, n_full, p_l = _walk_setup(
+        i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right, KV_NUM_F, KV_NUM_P, i_b, i_h,
+        sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSQ, BSK, i_sp * split_keys, (i_sp + 1) * split_keys)
     q0 = (i_m * BLOCK_M // BSQ) * BSQ
-    for t in range(0, n_steps):
-        start_n, k0, i_mid = _walk_step(t, lo, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P, SPARSE, BSK, BLOCK_N)
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
-            b_q, K, V, start_n, s_kn, s_vn, Nk, o_d, o_dv, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
-            p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV,
-            WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        b_p = tl.math.exp2(b_s - m_safe[:, None])  # [BM, BN]
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        acc = _dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], DOT_F32, PREC)  # [BM, BDV]
-        m_i = m_new
-    if COUNT:  # debug: key tiles this program visited
-        tl.store(VISITS + i_bh.to(tl.int64) * tl.num_programs(0) + i_m, n_steps)
+    acc, m_i, l_i = _fwd_steps(  # interior tiles: no masks
+        acc, m_i, l_i, 0, n_int, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
+        BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+    acc, m_i, l_i = _fwd_steps(  # boundary tiles: bounds, window, element / bias masks
+        acc, m_i, l_i, n_int, n_steps, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
+        BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+    if COUNT:  # debug: key tiles this program visited (interior, boundary)
+        tl.store(VISITS + (i_bh.to(tl.int64) * tl.num_programs(0) + i_m) * 2, n_int)
+        tl.store(VISITS + (i_bh.to(tl.int64) * tl.num_programs(0) + i_m) * 2 + 1, n_steps - n_int)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     b_o = acc / l_safe[:, None]
@@ -266,6 +373,31 @@ def _attn_fwd(
 # ----------------------------------------------------------------------------------------------------
 # Backward: dQ (one program per query tile, the same key-tile walk as the forward)
 # ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_steps(
+    dq, t0, t1, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+    p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+    WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """Steps [t0, t1) of the dQ walk: dQ += (P * (dO V^T - Delta)) K."""
+    for t in range(t0, t1):
+        start_n, k0, i_mid = _walk_step(t, t0, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+                                        MASKED, SPARSE, BSK, BLOCK_N)
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
+            b_q, K, V, start_n, s_kn, s_vn, Nk, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
+            p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED,
+            WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+        b_p = _exp2_sub(b_s, b_lse2[:, None], qk_scale, MASKED)  # [BM, BN]
+        b_dp = _dot(b_do, tl.trans(b_v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
+        dq = _dot(b_ds.to(b_k.dtype), b_k, dq, DOT_F32, PREC)  # [BM, BD]
+    return dq
+
+
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA, BIAS_PTR,
@@ -280,31 +412,30 @@ def _attn_bwd_dq(
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q = _query_program(
         Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
         D, BLOCK_D, BLOCK_DV, BLOCK_M)
-    b_do = tl.load(_tile_ptrs(DO, i_b64, s_dob, i_h, s_doh, i_m * BLOCK_M, s_don, o_r, o_dv),
-                   mask=m_row[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BM, BDV]
+    b_q = _signed(b_q, qk_scale)
+    qk_scale = tl.abs(qk_scale)
+    b_do = _load_tile(DO + i_b64 * s_dob + i_h.to(tl.int64) * s_doh, i_m * BLOCK_M, s_don, o_r, o_dv, Nq, DV,
+                      True, DV < BLOCK_DV)  # [BM, BDV]
     b_lse = tl.load(LSE + i_bh.to(tl.int64) * Nq + o_m, mask=m_row, other=float("-inf"))
     b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)  # empty rows: p = 0
     b_delta = tl.load(DELTA + i_bh.to(tl.int64) * Nq + o_m, mask=m_row, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_steps, lo, n_full, p_l = _walk_setup(i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right,
-                                           KV_NUM_F, KV_NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
-                                           SPARSE, BSQ, BSK, 0, Nk)
+    n_int, n_steps, lo, lo_u, hi_u, n_full, p_l = _walk_setup(
+        i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right, KV_NUM_F, KV_NUM_P, i_b, i_h,
+        sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSQ, BSK, 0, Nk)
     q0 = (i_m * BLOCK_M // BSQ) * BSQ
-    for t in range(0, n_steps):
-        start_n, k0, i_mid = _walk_step(t, lo, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P, SPARSE, BSK, BLOCK_N)
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
-            b_q, K, V, start_n, s_kn, s_vn, Nk, o_d, o_dv, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
-            p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV,
-            WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
-        b_p = tl.math.exp2(b_s - b_lse2[:, None])  # [BM, BN]
-        b_dp = _dot(b_do, tl.trans(b_v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
-        dq = _dot(b_ds.to(b_k.dtype), b_k, dq, DOT_F32, PREC)  # [BM, BD]
+    dq = _dq_steps(
+        dq, 0, n_int, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
+        BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+    dq = _dq_steps(
+        dq, n_int, n_steps, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
+        BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
     tl.store(_tile_ptrs(DQ, i_b64, s_dqb, i_h, s_dqh, i_m * BLOCK_M, s_dqn, o_r, o_d),
              (dq * scale).to(DQ.dtype.element_ty), mask=m_row[:, None] & (o_d[None, :] < D))
 
@@ -313,6 +444,39 @@ def _attn_bwd_dq(
 # Backward: dK / dV (one program per key tile and kv head; walks the query tiles of every query head in
 # its GQA group, so dK / dV are summed over the group without atomics)
 # ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _dkdv_steps(
+    dk, dv, t0, t1, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
+    p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+    WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """Steps [t0, t1) of the dK/dV walk over the query tiles of one query head."""
+    for t in range(t0, t1):
+        start_m, q0, i_mid = _walk_step(t, t0, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+                                        MASKED, SPARSE, BSQ, BLOCK_M)
+        o_m = start_m + tl.arange(0, BLOCK_M)
+        if MASKED:
+            b_lse = tl.load(LSEh + o_m, mask=o_m < Nq, other=float("-inf"))
+            b_delta = tl.load(DELTAh + o_m, mask=o_m < Nq, other=0.0)
+        else:
+            b_lse = tl.load(LSEh + o_m)
+            b_delta = tl.load(DELTAh + o_m)
+        b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+        b_q, b_do, b_st = _load_and_score(  # [BM, BD], [BM, BDV], [BN, BM]
+            b_k, Qh, DOh, start_m, s_qn, s_don, Nq, qk_scale, o_m[None, :], o_n[:, None], Nq, Nk,
+            left, right, p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_N, BLOCK_M, D, DV, BLOCK_D, BLOCK_DV,
+            MASKED, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+        b_pt = _exp2_sub(b_st, b_lse2[None, :], qk_scale, MASKED)  # [BN, BM]
+        dv = _dot(b_pt.to(b_do.dtype), b_do, dv, DOT_F32, PREC)  # [BN, BDV]
+        b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
+        dk = _dot(b_dst.to(b_q.dtype), b_q, dk, DOT_F32, PREC)  # [BN, BD]
+    return dk, dv
+
+
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV_PTR, LSE, DELTA, BIAS_PTR,
@@ -337,10 +501,12 @@ def _attn_bwd_dkdv(
     o_dv = tl.arange(0, BLOCK_DV)
     m_n = o_n < Nk
     i_b64 = i_b.to(tl.int64)
-    b_k = tl.load(_tile_ptrs(K, i_b64, s_kb, i_hk, s_kh, i_n * BLOCK_N, s_kn, o_r, o_d),
-                  mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)  # [BN, BD]
-    b_v = tl.load(_tile_ptrs(V, i_b64, s_vb, i_hk, s_vh, i_n * BLOCK_N, s_vn, o_r, o_dv),
-                  mask=m_n[:, None] & (o_dv[None, :] < DV), other=0.0)  # [BN, BDV]
+    b_k = _load_tile(K + i_b64 * s_kb + i_hk.to(tl.int64) * s_kh, i_n * BLOCK_N, s_kn, o_r, o_d, Nk, D,
+                     True, D < BLOCK_D)  # [BN, BD]
+    b_v = _load_tile(V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh, i_n * BLOCK_N, s_vn, o_r, o_dv, Nk, DV,
+                     True, DV < BLOCK_DV)  # [BN, BDV]
+    b_k = _signed(b_k, qk_scale)
+    qk_scale = tl.abs(qk_scale)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     k0 = (i_n * BLOCK_N // BSK) * BSK
@@ -353,30 +519,21 @@ def _attn_bwd_dkdv(
         DELTAh = DELTA + (i_b64 * H + i_h64) * Nq
         p_bias = BIAS_PTR + i_b64 * sb_b + i_h64 * sb_h
         # query i sees key j iff -right <= i - j - (Nq - Nk) <= left
-        n_steps, lo, n_full, p_l = _walk_setup(i_n * BLOCK_N, BLOCK_N, BLOCK_M, Nk, Nq, Nq - Nk, -right, left,
-                                               Q_NUM_F, Q_NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
-                                               SPARSE, BSK, BSQ, 0, Nq)
-        for t in range(0, n_steps):
-            start_m, q0, i_mid = _walk_step(t, lo, n_full, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P, SPARSE, BSQ, BLOCK_M)
-            o_m = start_m + tl.arange(0, BLOCK_M)
-            m_m = o_m < Nq
-            b_lse = tl.load(LSEh + o_m, mask=m_m, other=float("-inf"))
-            b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-            b_delta = tl.load(DELTAh + o_m, mask=m_m, other=0.0)
-            b_q, b_do, b_st = _load_and_score(  # [BM, BD], [BM, BDV], [BN, BM]
-                b_k, Qh, DOh, start_m, s_qn, s_don, Nq, o_d, o_dv, qk_scale, o_m[None, :], o_n[:, None], Nq, Nk,
-                left, right, p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_N, BLOCK_M, D, DV,
-                WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
-            b_pt = tl.math.exp2(b_st - b_lse2[None, :])  # [BN, BM]
-            dv = _dot(b_pt.to(b_do.dtype), b_do, dv, DOT_F32, PREC)  # [BN, BDV]
-            b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
-            b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
-            dk = _dot(b_dst.to(b_q.dtype), b_q, dk, DOT_F32, PREC)  # [BN, BD]
+        n_int, n_steps, lo, lo_u, hi_u, n_full, p_l = _walk_setup(
+            i_n * BLOCK_N, BLOCK_N, BLOCK_M, Nk, Nq, Nq - Nk, -right, left, Q_NUM_F, Q_NUM_P, i_b, i_h,
+            sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSK, BSQ, 0, Nq)
+        dk, dv = _dkdv_steps(
+            dk, dv, 0, n_int, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
+            p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, n_full, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
+            BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+        dk, dv = _dkdv_steps(
+            dk, dv, n_int, n_steps, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk,
+            left, right, p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, n_full, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
+            BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
     tl.store(_tile_ptrs(DK, i_b64, s_dkb, i_hk, s_dkh, i_n * BLOCK_N, s_dkn, o_r, o_d),
              (dk * scale).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
     tl.store(_tile_ptrs(DV_PTR, i_b64, s_dvb, i_hk, s_dvh, i_n * BLOCK_N, s_dvn, o_r, o_dv),
              dv.to(DV_PTR.dtype.element_ty), mask=m_n[:, None] & (o_dv[None, :] < DV))
-
 
 # ----------------------------------------------------------------------------------------------------
 # Launchers
@@ -525,7 +682,7 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
         bm = min(INTERPRET_CONFIG[0], bsq) if interpreter_enabled() else None
         if bm is None:
             raise ValueError("count_visits is a debug option of the interpreter build")
-        visits = torch.zeros(B * Hq, triton.cdiv(Nq, bm), dtype=torch.int32, device=q.device)
+        visits = torch.zeros(B * Hq, triton.cdiv(Nq, bm), 2, dtype=torch.int32, device=q.device)
     else:
         visits = lse
     args = (q, k, v, out, lse, bias_t, *sp[:5], sp[5], visits,
@@ -567,13 +724,13 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, r
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), *sb, *sl, *common)
-    _launch(_attn_bwd_dq, BWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq), args, meta, max(BD, BDV), q.dtype, q.device)
+    _launch(_attn_bwd_dq, DQ_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq), args, meta, max(BD, BDV), q.dtype, q.device)
     sp, sl, _, _ = _sparse_args(sparse, B, Hq, True, q)
     args = (q, k, v, do, dk, dv, lse, delta, bias_t, *sp,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *sb, *sl, *common)
-    _launch(_attn_bwd_dkdv, BWD_CONFIGS, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * Hkv), args, meta, max(BD, BDV), q.dtype, q.device)
+    _launch(_attn_bwd_dkdv, DKDV_CONFIGS, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * Hkv), args, meta, max(BD, BDV), q.dtype, q.device)
     return dq, dk, dv
 
 
@@ -640,8 +797,11 @@ def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, i
         cx["COUNT"] = False
     sig = _signature(kernel, dtype, cx)
     name = f"attn_{tag}[{family},{variant},{str(dtype)[6:]},d{bucket}] BM{bm} BN{bn} w{w} s{s}"
+    # nominal MMA FLOPs of one loop iteration: fwd QK^T + PV; dQ QK^T, dO V^T, dS K; dK/dV all four
+    n_mm = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4}[tag]
     return KernelSpec(name, kernel, sig, cx, w, s, archs=_FAMILY_ARCHS[family],
-                      tags=dict(kernel=tag, family=family, dtype=str(dtype), head_dim=bucket, variant=variant),
+                      tags=dict(kernel=tag, family=family, dtype=str(dtype), head_dim=bucket, variant=variant,
+                                iter_flops=2 * bm * bn * bucket * n_mm),
                       divisible_16=_aligned_args(sig))
 
 
@@ -649,7 +809,7 @@ def aot_specs() -> List[KernelSpec]:
     """Every shipped config of the three kernels, per family and head-dim bucket, in every mask variant."""
     specs = []
     for tag in _KERNELS:
-        table = FWD_CONFIGS if tag == "fwd" else BWD_CONFIGS
+        table = {"fwd": FWD_CONFIGS, "bwd_dq": DQ_CONFIGS, "bwd_dkdv": DKDV_CONFIGS}[tag]
         for family, buckets in table.items():
             for bucket, configs in buckets.items():
                 for config in configs:

@@ -131,8 +131,8 @@ def _cubin_resources(cubin: bytes, tmpdir: str) -> Tuple[Dict[str, int], Optiona
     return max(funcs.values(), key=lambda d: d.get("REG", 0)), None
 
 
-def _spill_instructions(cubin: bytes, tmpdir: str) -> Optional[int]:
-    """Number of local-memory load/store instructions (STL/LDL) in the SASS, or None if unavailable."""
+def _sass(cubin: bytes, tmpdir: str) -> Optional[str]:
+    """``cuobjdump -sass`` listing of a cubin, or None if unavailable."""
     tool = _tool("cuobjdump")
     if tool is None:
         return None
@@ -140,9 +140,12 @@ def _spill_instructions(cubin: bytes, tmpdir: str) -> Optional[int]:
     with open(path, "wb") as f:
         f.write(cubin)
     res = subprocess.run([tool, "-sass", path], capture_output=True, text=True)
-    if res.returncode != 0:
-        return None
-    return len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", res.stdout))
+    return res.stdout if res.returncode == 0 else None
+
+
+def _spill_instructions(sass: Optional[str]) -> Optional[int]:
+    """Number of local-memory load/store instructions (STL/LDL) in the SASS, or None if unavailable."""
+    return None if sass is None else len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\b", sass))
 
 
 def tensor_core_kind(ptx: str) -> str:
@@ -154,10 +157,12 @@ def tensor_core_kind(ptx: str) -> str:
     return "-"
 
 
-def compile_spec(spec, arch: int) -> dict:
+def compile_spec(spec, arch: int, sass: bool = False) -> dict:
     """AOT-compile one :class:`tileattn.kernels.utils.KernelSpec` for ``sm_<arch>`` and return a row:
     registers, stack (spill) bytes, local bytes, shared memory (bytes) and its limit, tensor-core kind,
-    compile seconds, ``spills`` / ``smem_over`` flags and ``error`` (None when it compiled)."""
+    compile seconds, ``spills`` / ``smem_over`` flags and ``error`` (None when it compiled). With ``sass``,
+    also ``loops``: the per-iteration study of every main loop (:func:`tileattn._sass.analyse`), with the
+    nominal MMA FLOPs of one iteration taken from ``spec.tags["iter_flops"]`` when the spec gives them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -212,24 +217,27 @@ def compile_spec(spec, arch: int) -> dict:
         else:
             row["regs"], row["stack"], row["local"] = res.get("REG"), res.get("STACK", 0), res.get("LOCAL", 0)
             row["spills"] = bool(row["stack"] or row["local"])
-            if row["spills"]:
-                row["spill_instr"] = _spill_instructions(kernel.asm["cubin"], tmp)
-            else:
-                row["spill_instr"] = 0
+            listing = _sass(kernel.asm["cubin"], tmp) if (sass or row["spills"]) else None
+            row["spill_instr"] = _spill_instructions(listing) if row["spills"] else 0
+            if sass and listing is not None:
+                from tileattn._sass import analyse
+
+                row["loops"] = analyse(listing, spec.num_warps, spec.tags.get("iter_flops"))
     if row["shared_limit"] is not None and row["shared"] > row["shared_limit"]:
         row["smem_over"] = True
     return row
 
 
-def _job(module: str, index: int, arch: int) -> dict:
+def _job(module: str, index: int, arch: int, sass: bool = False) -> dict:
     spec = _load_specs(module)[index]
-    row = compile_spec(spec, arch)
+    row = compile_spec(spec, arch, sass)
     row["module"] = module.rsplit(".", 1)[-1]
     return row
 
 
 def run_report(filt: Optional[str] = None, jobs: Optional[int] = None, first_per_module: bool = False,
-               modules: Optional[Sequence[str]] = None, progress=None) -> List[dict]:
+               modules: Optional[Sequence[str]] = None, progress=None, sass: bool = False,
+               archs: Optional[Sequence[int]] = None) -> List[dict]:
     """Compile every shipped config (or the filtered / first-per-module subset) and return one row per
     (spec, arch), in a stable order. ``modules``: full module names (default: all discovered).
     ``jobs``: worker processes (default: CPU count, at most 8; 1 = in this process).
@@ -245,11 +253,13 @@ def run_report(filt: Optional[str] = None, jobs: Optional[int] = None, first_per
             rows.append({"module": mod.rsplit(".", 1)[-1], "name": "<import>", "arch": "-", "error": err,
                          "spills": False, "smem_over": False})
     todo = collect_specs(modules, filt, first_per_module)
+    if archs:
+        todo = [j for j in todo if j["arch"] in archs]
     jobs = jobs or min(8, os.cpu_count() or 1)
     results: List[Optional[dict]] = [None] * len(todo)
     if jobs <= 1 or len(todo) <= 1:
         for i, j in enumerate(todo):
-            results[i] = _job(j["module"], j["index"], j["arch"])
+            results[i] = _job(j["module"], j["index"], j["arch"], sass)
             if progress:
                 progress(i + 1, len(todo), results[i])
     else:
@@ -257,7 +267,7 @@ def run_report(filt: Optional[str] = None, jobs: Optional[int] = None, first_per
 
         # spawn: workers import tileattn fresh (no interpreter state, no CUDA context inherited)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-            futs = {ex.submit(_job, j["module"], j["index"], j["arch"]): i for i, j in enumerate(todo)}
+            futs = {ex.submit(_job, j["module"], j["index"], j["arch"], sass): i for i, j in enumerate(todo)}
             done = 0
             from concurrent.futures import as_completed
 

@@ -7,6 +7,10 @@ tensor-core use (mma / wgmma in the PTX). Exits 1 if a config spills, exceeds th
 (sm_80: 163 KB, sm_90: 227 KB) or fails to compile.
 
     python scripts/kernel_report.py [--filter SUBSTR] [--quick] [--json PATH|-] [--jobs N]
+    python scripts/kernel_report.py --sass [--arch 90] [--filter SUBSTR]   # static main-loop study
+
+``--sass`` also disassembles each kernel and prints, per main loop and per iteration, the instruction mix
+and the issue-time / MMA-time ratios of a simple H100 model (``tileattn._sass``): predictions, not timings.
 """
 from __future__ import annotations
 
@@ -30,7 +34,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the rows as JSON to PATH ('-' = stdout instead of the table)")
     p.add_argument("--jobs", "-j", type=int, default=None, help="compile processes (default: CPUs, max 8)")
+    p.add_argument("--sass", action="store_true",
+                   help="static SASS study of every main loop (per-iteration mix, replication, model ratios)")
+    p.add_argument("--arch", type=int, action="append", default=None,
+                   help="only this arch (e.g. 90); repeatable. Default with --sass: 90")
     args = p.parse_args(argv)
+    if args.sass and not args.arch:
+        args.arch = [90]
 
     from tileattn import _aot
 
@@ -56,7 +66,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     rows = _aot.run_report(args.filter, jobs=args.jobs, first_per_module=args.quick, modules=modules,
-                           progress=progress)
+                           progress=progress, sass=args.sass, archs=args.arch)
     if live:
         print("\r" + " " * 79 + "\r", end="", file=sys.stderr)
     fails = _aot.failures(rows)
@@ -80,6 +90,14 @@ def main(argv=None) -> int:
                   "matched nothing)")
         else:
             print(_aot.format_table(rows))
+            if args.sass:
+                from tileattn._sass import H100_MODEL, format_loops
+
+                print("\nMain loops, per iteration (instruction counts per warp; PREDICTIONS from static SASS):")
+                print(format_loops(rows))
+                print("repl = issued MMA FLOPs / the tile's nominal FLOPs; wait0 = every wgmma waited at depth 0; "
+                      "issue/MMA = (instructions x warps / issue rate) / (MMA FLOPs / tensor rate); "
+                      f"model per SM per clock: {H100_MODEL}")
             print(f"\n{len(rows)} compiles in {time.perf_counter() - t0:.1f} s. regs = registers per thread, "
                   "spill/stack = cuobjdump STACK (+LOCAL) bytes, smem = Triton dynamic shared memory, "
                   "TC = tensor-core instructions in the PTX.")
