@@ -16,6 +16,7 @@ is stored in natural log. Rows that see no key give out = 0, lse = -inf, and zer
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -97,13 +98,16 @@ def _mask_scores(
 ):
     """Apply every mask variant to a scaled score tile ``s`` (log2 domain) of a boundary step. ``i_q`` /
     ``i_k`` are broadcastable query / key index tiles (either orientation: [BM, 1] x [1, BN] or [1, BM] x
-    [BN, 1]). Always: bounds. WINDOWED: the aligned (left, right) window. SPARSE: the block's stored element
-    mask (block origin (q0, k0)) when ``i_mid >= 0`` (partial block); full blocks have ``i_mid = -1``."""
-    m_in = (i_q < Nq) & (i_k < Nk)
-    m_ok = m_in
-    if WINDOWED:
-        d = i_k - i_q - (Nk - Nq)  # key offset from the query's aligned diagonal
-        m_ok = m_ok & (d <= right) & (d >= -left)
+    [BN, 1]). Always: keys in bounds (query rows past Nq need no mask: the forward and dQ never store them,
+    and dK/dV loads their LSE as -inf, so their p is 0). WINDOWED: the aligned (left, right) window, as
+    per-query key bounds (two compares per element). SPARSE: the block's stored element mask (block origin
+    (q0, k0)) when ``i_mid >= 0`` (partial block); full blocks have ``i_mid = -1``."""
+    if WINDOWED:  # key j visible to query i iff i + Nk - Nq - left <= j <= i + Nk - Nq + right (and j < Nk)
+        m_ok = (i_k >= i_q + (Nk - Nq - left)) & (i_k <= tl.minimum(i_q + (Nk - Nq + right), Nk - 1))
+    else:
+        m_ok = (i_k < Nk) & (i_q >= 0)
+    if SPARSE or BIAS != 0:
+        m_in = (i_q < Nq) & (i_k < Nk)  # element loads stay inside the mask's extent
     if SPARSE:
         m_em = m_in & ((i_q * 0 + i_mid) >= 0)  # (broadcast explicitly: the interpreter rejects scalar & tile)
         b_em = tl.load(p_emask + (i_q - q0) * BSK + (i_k - k0), mask=m_em, other=1)
@@ -121,35 +125,28 @@ def _mask_scores(
 def _walk_setup(
     start, BT: tl.constexpr, BSTEP: tl.constexpr, Nt, Ns, off, lo_w, hi_w,
     NUM_F, NUM_P, i_b, i_h, sn_b, sn_h, si_b, si_h, si_m,
-    SPARSE: tl.constexpr, ALL_MASKED: tl.constexpr, BS_THIS: tl.constexpr, BS_OTHER: tl.constexpr,
-    lim_lo, lim_hi,
+    SPARSE: tl.constexpr, ALL_MASKED: tl.constexpr, BS_THIS: tl.constexpr, lim_lo, lim_hi,
 ):
-    """Plan the two phases of a program owning the tile [start, start + BT) of one axis, stepping BSTEP
-    along the other axis. Steps [0, n_int) are *interior*: every (this, other) pair of the step is in
-    bounds and visible, so they run the unmasked body; steps [n_int, n_steps) are *boundary* steps (the
-    masked body). Dense / windowed: the tiles [lo, hi) that intersect the window (index visibility
-    ``lo_w <= other - this - off <= hi_w``); interior tiles are [lo_u, hi_u), boundary ones lie on either
-    side. Sparse: the BlockMask's full blocks (interior) then partial blocks (boundary), BS_OTHER // BSTEP
-    steps per block. ALL_MASKED (a bias tensor) sends every step through the masked body. ``[lim_lo,
-    lim_hi)`` (multiples of BSTEP) restricts the dense walk to one split of the other axis (split-KV).
-    Returns (n_int, n_steps, lo, lo_u, hi_u, n_full, list offset)."""
+    """Plan the walk of a program owning the tile [start, start + BT) of one axis along the other axis, in
+    two phases. *Interior* steps (every (this, other) pair of the step in bounds and visible) run the
+    unmasked body; *boundary* steps run the masked body. Dense / windowed: the tiles [lo, hi) (multiples
+    of BSTEP) that intersect the window (index visibility ``lo_w <= other - this - off <= hi_w``); interior
+    tiles are [lo_u, hi_u), boundary ones lie on either side. Sparse: the BlockMask's full blocks
+    (interior) then partial blocks (boundary). ALL_MASKED (a bias tensor) sends every step through the
+    masked body. ``[lim_lo, lim_hi)`` (multiples of BSTEP) restricts the dense walk to one split of the
+    other axis (split-KV). Returns (lo, lo_u, hi_u, hi, n_full, n_part, list offset)."""
     if SPARSE:
-        SUB: tl.constexpr = BS_OTHER // BSTEP
         i_blk = start // BS_THIS
         n_full = tl.load(NUM_F + i_b * sn_b + i_h * sn_h + i_blk)
         n_part = tl.load(NUM_P + i_b * sn_b + i_h * sn_h + i_blk)
         p_l = i_b.to(tl.int64) * si_b + i_h.to(tl.int64) * si_h + i_blk * si_m
-        n_int = n_full * SUB
-        if ALL_MASKED:
-            n_int = 0
-        return n_int, (n_full + n_part) * SUB, 0, 0, 0, n_full, p_l
+        return 0, 0, 0, 0, n_full, n_part, p_l
     else:
         last = tl.minimum(start + BT, Nt) - 1
         lo_j = tl.maximum(tl.maximum(start + off + lo_w, 0), lim_lo)
         hi_j = tl.maximum(tl.minimum(tl.minimum(last + off + hi_w + 1, Ns), lim_hi), 0)
         lo = (lo_j // BSTEP) * BSTEP
-        n_steps = tl.cdiv(tl.maximum(hi_j - lo, 0), BSTEP)
-        hi = lo + n_steps * BSTEP
+        hi = lo + tl.cdiv(tl.maximum(hi_j - lo, 0), BSTEP) * BSTEP
         # interior: others visible to the last row of this tile and to its first row, and in bounds
         a = tl.maximum(last + off + lo_w, lo)
         b = tl.maximum(tl.minimum(start + off + hi_w + 1, Ns), 0)
@@ -158,15 +155,41 @@ def _walk_setup(
         if ALL_MASKED:
             lo_u = lo
             hi_u = lo
-        return (hi_u - lo_u) // BSTEP, n_steps, lo, lo_u, hi_u, 0, 0
+        return lo, lo_u, hi_u, hi, 0, 0, 0
 
 
 @triton.jit
-def _walk_step(t, n_int, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+def _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED: tl.constexpr, SPARSE: tl.constexpr,
+                ALL_MASKED: tl.constexpr, BS_OTHER: tl.constexpr, BSTEP: tl.constexpr):
+    """Loop bounds [t0, t1) of one phase in steps of BSTEP (the boundary phase may step finer than the
+    interior one: its masked tiles need more registers)."""
+    if SPARSE:
+        SUB: tl.constexpr = BS_OTHER // BSTEP
+        t0 = n_full * SUB
+        t1 = t0
+        if MASKED:
+            t1 = (n_full + n_part) * SUB
+            if ALL_MASKED:
+                t0 = 0
+        else:
+            t0 = 0
+            if ALL_MASKED:
+                t1 = 0
+    else:
+        t0 = 0
+        if MASKED:
+            t1 = ((lo_u - lo) + (hi - hi_u)) // BSTEP
+        else:
+            t1 = (hi_u - lo_u) // BSTEP
+    return t0, t1
+
+
+@triton.jit
+def _walk_step(t, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
                MASKED: tl.constexpr, SPARSE: tl.constexpr, BS_OTHER: tl.constexpr, BSTEP: tl.constexpr):
-    """Step ``t`` of the walk: (tile start on the other axis, its block origin, partial-mask id or -1).
-    Interior steps (not MASKED) take the interior tiles / full blocks; boundary steps (``t >= n_int``) take
-    the tiles left of the interior, then those right of it / the partial blocks."""
+    """Step ``t`` of a phase: (tile start on the other axis, its block origin, partial-mask id or -1).
+    Interior steps take the interior tiles / full blocks; boundary steps the tiles left of the interior,
+    then those right of it / the partial blocks (and the full ones too under ALL_MASKED)."""
     if SPARSE:
         SUB: tl.constexpr = BS_OTHER // BSTEP
         e = t // SUB
@@ -181,9 +204,8 @@ def _walk_step(t, n_int, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
         return i_blk * BS_OTHER + (t % SUB) * BSTEP, i_blk * BS_OTHER, i_mid
     else:
         if MASKED:
-            u = t - n_int
             n_left = (lo_u - lo) // BSTEP
-            return tl.where(u < n_left, lo + u * BSTEP, hi_u + (u - n_left) * BSTEP), 0, -1
+            return tl.where(t < n_left, lo + t * BSTEP, hi_u + (t - n_left) * BSTEP), 0, -1
         return lo_u + t * BSTEP, 0, -1
 
 
@@ -286,16 +308,17 @@ def _query_program(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_steps(
-    acc, m_i, l_i, t0, t1, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
-    p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+    acc, m_i, l_i, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+    p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, IDX_F, IDX_P, MID_P, ALL_MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """Steps [t0, t1) of the forward walk: online softmax in the log2 domain."""
+    t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED, SPARSE, ALL_MASKED, BSK, BLOCK_N)
     for t in range(t0, t1):
-        start_n, k0, i_mid = _walk_step(t, t0, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+        start_n, k0, i_mid = _walk_step(t, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
                                         MASKED, SPARSE, BSK, BLOCK_N)
         o_n = start_n + tl.arange(0, BLOCK_N)
         b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
@@ -327,7 +350,7 @@ def _attn_fwd(
     split_keys, s_os, s_ls,
     N_BUCKET_Q, N_BUCKET_K,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     COUNT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -346,21 +369,25 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    n_int, n_steps, lo, lo_u, hi_u, n_full, p_l = _walk_setup(
+    lo, lo_u, hi_u, hi, n_full, n_part, p_l = _walk_setup(
         i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right, KV_NUM_F, KV_NUM_P, i_b, i_h,
-        sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSQ, BSK, i_sp * split_keys, (i_sp + 1) * split_keys)
+        sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSQ, i_sp * split_keys, (i_sp + 1) * split_keys)
     q0 = (i_m * BLOCK_M // BSQ) * BSQ
     acc, m_i, l_i = _fwd_steps(  # interior tiles: no masks
-        acc, m_i, l_i, 0, n_int, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
-        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
-        BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
-    acc, m_i, l_i = _fwd_steps(  # boundary tiles: bounds, window, element / bias masks
-        acc, m_i, l_i, n_int, n_steps, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
-        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
-        BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
-    if COUNT:  # debug: key tiles this program visited (interior, boundary)
-        tl.store(VISITS + (i_bh.to(tl.int64) * tl.num_programs(0) + i_m) * 2, n_int)
-        tl.store(VISITS + (i_bh.to(tl.int64) * tl.num_programs(0) + i_m) * 2 + 1, n_steps - n_int)
+        acc, m_i, l_i, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
+        BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+        DOT_F32, PREC)
+    acc, m_i, l_i = _fwd_steps(  # boundary tiles (BLOCK_B keys a step): bounds, window, element / bias masks
+        acc, m_i, l_i, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
+        BIAS != 0, BLOCK_M, BLOCK_B, D, DV, BLOCK_D, BLOCK_DV, True, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+        DOT_F32, PREC)
+    if COUNT:  # debug: steps this program ran (interior, boundary)
+        p_c = VISITS + (i_bh.to(tl.int64) * tl.num_programs(0) + i_m) * 2
+        tl.store(p_c, _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, False, SPARSE, BIAS != 0, BSK, BLOCK_N)[1])
+        t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, True, SPARSE, BIAS != 0, BSK, BLOCK_B)
+        tl.store(p_c + 1, t1 - t0)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     b_o = acc / l_safe[:, None]
@@ -375,16 +402,17 @@ def _attn_fwd(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _dq_steps(
-    dq, t0, t1, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
-    p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+    dq, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+    p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, IDX_F, IDX_P, MID_P, ALL_MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """Steps [t0, t1) of the dQ walk: dQ += (P * (dO V^T - Delta)) K."""
+    t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED, SPARSE, ALL_MASKED, BSK, BLOCK_N)
     for t in range(t0, t1):
-        start_n, k0, i_mid = _walk_step(t, t0, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+        start_n, k0, i_mid = _walk_step(t, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
                                         MASKED, SPARSE, BSK, BLOCK_N)
         o_n = start_n + tl.arange(0, BLOCK_N)
         b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
@@ -408,7 +436,7 @@ def _attn_bwd_dq(
     H, G, Nq, Nk, qk_scale, scale, left, right,
     N_BUCKET_Q, N_BUCKET_K,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -424,18 +452,20 @@ def _attn_bwd_dq(
     b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)  # empty rows: p = 0
     b_delta = tl.load(DELTA + i_bh.to(tl.int64) * Nq + o_m, mask=m_row, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_int, n_steps, lo, lo_u, hi_u, n_full, p_l = _walk_setup(
+    lo, lo_u, hi_u, hi, n_full, n_part, p_l = _walk_setup(
         i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right, KV_NUM_F, KV_NUM_P, i_b, i_h,
-        sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSQ, BSK, 0, Nk)
+        sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSQ, 0, Nk)
     q0 = (i_m * BLOCK_M // BSQ) * BSQ
     dq = _dq_steps(
-        dq, 0, n_int, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
-        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
-        BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+        dq, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
+        BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+        DOT_F32, PREC)
     dq = _dq_steps(
-        dq, n_int, n_steps, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
-        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, n_full, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
-        BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+        dq, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
+        BIAS != 0, BLOCK_M, BLOCK_B, D, DV, BLOCK_D, BLOCK_DV, True, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+        DOT_F32, PREC)
     tl.store(_tile_ptrs(DQ, i_b64, s_dqb, i_h, s_dqh, i_m * BLOCK_M, s_dqn, o_r, o_d),
              (dq * scale).to(DQ.dtype.element_ty), mask=m_row[:, None] & (o_d[None, :] < D))
 
@@ -446,16 +476,17 @@ def _attn_bwd_dq(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_steps(
-    dk, dv, t0, t1, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
-    p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+    dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
+    p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, IDX_F, IDX_P, MID_P, ALL_MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """Steps [t0, t1) of the dK/dV walk over the query tiles of one query head."""
+    t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED, SPARSE, ALL_MASKED, BSQ, BLOCK_M)
     for t in range(t0, t1):
-        start_m, q0, i_mid = _walk_step(t, t0, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+        start_m, q0, i_mid = _walk_step(t, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
                                         MASKED, SPARSE, BSQ, BLOCK_M)
         o_m = start_m + tl.arange(0, BLOCK_M)
         if MASKED:
@@ -488,7 +519,7 @@ def _attn_bwd_dkdv(
     H, G, Nq, Nk, qk_scale, scale, left, right,
     N_BUCKET_Q, N_BUCKET_K,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -519,17 +550,19 @@ def _attn_bwd_dkdv(
         DELTAh = DELTA + (i_b64 * H + i_h64) * Nq
         p_bias = BIAS_PTR + i_b64 * sb_b + i_h64 * sb_h
         # query i sees key j iff -right <= i - j - (Nq - Nk) <= left
-        n_int, n_steps, lo, lo_u, hi_u, n_full, p_l = _walk_setup(
+        lo, lo_u, hi_u, hi, n_full, n_part, p_l = _walk_setup(
             i_n * BLOCK_N, BLOCK_N, BLOCK_M, Nk, Nq, Nq - Nk, -right, left, Q_NUM_F, Q_NUM_P, i_b, i_h,
-            sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSK, BSQ, 0, Nq)
+            sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSK, 0, Nq)
         dk, dv = _dkdv_steps(
-            dk, dv, 0, n_int, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
-            p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, n_full, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
-            BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+            dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
+            p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
+            BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+            DOT_F32, PREC)
         dk, dv = _dkdv_steps(
-            dk, dv, n_int, n_steps, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk,
-            left, right, p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, n_full, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
-            BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+            dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
+            p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
+            BIAS != 0, BLOCK_B, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+            DOT_F32, PREC)
     tl.store(_tile_ptrs(DK, i_b64, s_dkb, i_hk, s_dkh, i_n * BLOCK_N, s_dkn, o_r, o_d),
              (dk * scale).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
     tl.store(_tile_ptrs(DV_PTR, i_b64, s_dvb, i_hk, s_dvh, i_n * BLOCK_N, s_dvn, o_r, o_dv),
@@ -541,7 +574,22 @@ def _attn_bwd_dkdv(
 _TUNED = {}
 
 
-def _prune(configs, named_args, **kwargs):
+BOUNDARY_STEP = 64  # most rows (keys, or queries for dK/dV) a boundary (masked) step takes
+
+
+def _tiles(kernel_name: str, bm: int, bn: int) -> dict:
+    """Meta-parameters of one config: the program tile, the interior step and the boundary step
+    ``BLOCK_B`` (the step axis is keys for the forward and dQ, queries for dK/dV; masked tiles hold more
+    live registers, so wide steps are halved there)."""
+    step = bm if kernel_name == "_attn_bwd_dkdv" else bn
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": min(step, BOUNDARY_STEP)}
+
+
+def _kernel_name(kernel) -> str:
+    return kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__
+
+
+def _prune(kernel_name: str, configs, named_args, **kwargs):
     """Keep configs whose tiles fit inside the block-sparse block sizes (BSQ / BSK); shrink otherwise."""
     args = {**named_args, **kwargs}
     bsq, bsk = args.get("BSQ", 1 << 30), args.get("BSK", 1 << 30)
@@ -551,7 +599,7 @@ def _prune(configs, named_args, **kwargs):
     if kept:
         return kept
     c = configs[-1]
-    return [triton.Config({"BLOCK_M": min(c.kwargs["BLOCK_M"], bsq), "BLOCK_N": min(c.kwargs["BLOCK_N"], bsk)},
+    return [triton.Config(_tiles(kernel_name, min(c.kwargs["BLOCK_M"], bsq), min(c.kwargs["BLOCK_N"], bsk)),
                           num_warps=c.num_warps, num_stages=c.num_stages)]
 
 
@@ -569,11 +617,11 @@ def _family(dtype: torch.dtype, device: torch.device, bias_mode: int) -> str:
 
 
 def _tuned(kernel, table, family: str, bucket: int):
-    name = (kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, family, bucket)
+    name = (_kernel_name(kernel), family, bucket)
     if name not in _TUNED:
-        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        configs = [triton.Config(_tiles(name[0], bm, bn), num_warps=w, num_stages=s)
                    for bm, bn, w, s in table[family][bucket]]
-        _TUNED[name] = triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+        _TUNED[name] = triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": functools.partial(_prune, name[0])})(kernel)
     return _TUNED[name]
 
 
@@ -581,8 +629,8 @@ def _launch(kernel, table, grid_fn, args, meta, bd: int, dtype: torch.dtype, dev
     """Run ``kernel`` autotuned on GPU, or with the fixed interpreter config on CPU."""
     if interpreter_enabled():
         bm, bn, w, s = INTERPRET_CONFIG
-        bm, bn = min(bm, meta["BSQ"]), min(bn, meta["BSK"])
-        kernel[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+        tiles = _tiles(_kernel_name(kernel), min(bm, meta["BSQ"]), min(bn, meta["BSK"]))
+        kernel[grid_fn(tiles)](*args, **meta, **tiles)
     else:
         _tuned(kernel, table, _family(dtype, device, meta["BIAS"]), _dim_bucket(bd))[grid_fn](*args, **meta)
 
@@ -791,7 +839,7 @@ def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, i
         return None
     dtype = dtype or _FAMILY_DTYPES[family][-1 if variant == "sparse" else 0]
     kernel = _KERNELS[tag]
-    cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, BLOCK_M=bm, BLOCK_N=bn,
+    cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, **_tiles(kernel.__name__, bm, bn),
               DOT_F32=False, PREC="tf32" if family == "fp32" else "ieee", **var)
     if tag == "fwd":
         cx["COUNT"] = False

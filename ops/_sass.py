@@ -29,7 +29,7 @@ H100_MODEL = {
     "issue_per_clk": 4,
 }
 
-_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 CATEGORIES = ("mma", "mufu_ex2", "mufu_other", "fp32", "convert", "select", "int", "move", "ldg", "ldgsts",
               "tma", "lds", "sts", "stg", "barrier", "control", "other")
 
