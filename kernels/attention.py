@@ -243,7 +243,7 @@ def _load_and_score(
     b_a, X, Y, start, s_xn, s_yn, Nt, qk_scale, i_q, i_k, Nq, Nk, left, right,
     p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0,
     BA: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -251,16 +251,34 @@ def _load_and_score(
     forward and dQ, q / dO for dK/dV) and score ``b_a @ X^T`` [BA, BT]. Boundary steps (MASKED) return the
     scores scaled to the log2 domain with every mask applied (``i_q`` / ``i_k`` orient it, see
     :func:`_mask_scores`); interior steps return the raw dot product, scaled by the caller inside its
-    exp2 (one FFMA, see :func:`_exp2_sub`)."""
-    o_r = tl.arange(0, BT)
-    b_x = _load_tile(X, start, s_xn, o_r, tl.arange(0, BLOCK_D), Nt, D, MASKED, D < BLOCK_D)  # [BT, BD]
-    b_y = _load_tile(Y, start, s_yn, o_r, tl.arange(0, BLOCK_DV), Nt, DV, MASKED, DV < BLOCK_DV)  # [BT, BDV]
+    exp2 (one FFMA, see :func:`_exp2_sub`). DESC: X / Y are tensor descriptors (TMA on Hopper; interior
+    steps only, see :func:`_sources`)."""
+    if DESC:
+        b_x = X.load([start, 0])  # [BT, BD]
+        b_y = Y.load([start, 0])  # [BT, BDV]
+    else:
+        o_r = tl.arange(0, BT)
+        b_x = _load_tile(X, start, s_xn, o_r, tl.arange(0, BLOCK_D), Nt, D, MASKED, D < BLOCK_D)  # [BT, BD]
+        b_y = _load_tile(Y, start, s_yn, o_r, tl.arange(0, BLOCK_DV), Nt, DV, MASKED, DV < BLOCK_DV)  # [BT, BDV]
     b_s = _dot(b_a, tl.trans(b_x), tl.zeros([BA, BT], dtype=tl.float32), DOT_F32, PREC)  # [BA, BT]
     if MASKED:
         b_s = _mask_scores(b_s * qk_scale, i_q, i_k, Nq, Nk, left, right, p_bias, sb_m, sb_n,
                            EMASK + tl.maximum(i_mid, 0).to(tl.int64) * (BSQ * BSK), i_mid, q0, k0,
                            WINDOWED, SPARSE, BIAS, BSK)
     return b_x, b_y, b_s
+
+
+@triton.jit
+def _sources(X, Y, N, s_xn, s_yn, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
+    """What interior steps load X [N, D] / Y [N, DV] (one head, row stride s_xn / s_yn) from: tensor
+    descriptors of [BT, BLOCK_D] / [BT, BLOCK_DV] blocks with TMA (zero-filled past N rows / D columns),
+    else the pointers themselves."""
+    if TMA:
+        return (tl.make_tensor_descriptor(X, shape=[N, D], strides=[s_xn, 1], block_shape=[BT, BLOCK_D]),
+                tl.make_tensor_descriptor(Y, shape=[N, DV], strides=[s_yn, 1], block_shape=[BT, BLOCK_DV]))
+    else:
+        return X, Y
 
 
 @triton.jit
@@ -311,7 +329,7 @@ def _fwd_steps(
     acc, m_i, l_i, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
     p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, IDX_F, IDX_P, MID_P, ALL_MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -323,7 +341,7 @@ def _fwd_steps(
         o_n = start_n + tl.arange(0, BLOCK_N)
         b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
             b_q, K, V, start_n, s_kn, s_vn, Nk, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
-            p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED,
+            p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC,
             WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
         if MASKED:
             m_new = tl.maximum(m_i, tl.max(b_s, 1))
@@ -352,7 +370,7 @@ def _attn_fwd(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    COUNT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    COUNT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     # program (query tile, batch * head, key split); the last query tiles (the heaviest under a causal
     # mask) start first. Split-KV decoding writes per-split partial (O, LSE) at split strides s_os / s_ls,
@@ -373,15 +391,16 @@ def _attn_fwd(
         i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right, KV_NUM_F, KV_NUM_P, i_b, i_h,
         sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSQ, i_sp * split_keys, (i_sp + 1) * split_keys)
     q0 = (i_m * BLOCK_M // BSQ) * BSQ
+    k_src, v_src = _sources(K, V, Nk, s_kn, s_vn, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)
     acc, m_i, l_i = _fwd_steps(  # interior tiles: no masks
-        acc, m_i, l_i, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+        acc, m_i, l_i, b_q, k_src, v_src, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
-        BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+        BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, TMA, WINDOWED, SPARSE, BIAS, BSQ, BSK,
         DOT_F32, PREC)
     acc, m_i, l_i = _fwd_steps(  # boundary tiles (BLOCK_B keys a step): bounds, window, element / bias masks
         acc, m_i, l_i, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
-        BIAS != 0, BLOCK_M, BLOCK_B, D, DV, BLOCK_D, BLOCK_DV, True, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+        BIAS != 0, BLOCK_M, BLOCK_B, D, DV, BLOCK_D, BLOCK_DV, True, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
         DOT_F32, PREC)
     if COUNT:  # debug: steps this program ran (interior, boundary)
         p_c = VISITS + (i_bh.to(tl.int64) * tl.num_programs(0) + i_m) * 2
@@ -405,7 +424,7 @@ def _dq_steps(
     dq, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
     p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, IDX_F, IDX_P, MID_P, ALL_MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -417,7 +436,7 @@ def _dq_steps(
         o_n = start_n + tl.arange(0, BLOCK_N)
         b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
             b_q, K, V, start_n, s_kn, s_vn, Nk, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
-            p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED,
+            p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC,
             WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
         b_p = _exp2_sub(b_s, b_lse2[:, None], qk_scale, MASKED)  # [BM, BN]
         b_dp = _dot(b_do, tl.trans(b_v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
@@ -438,7 +457,7 @@ def _attn_bwd_dq(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q = _query_program(
@@ -456,15 +475,16 @@ def _attn_bwd_dq(
         i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right, KV_NUM_F, KV_NUM_P, i_b, i_h,
         sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSQ, 0, Nk)
     q0 = (i_m * BLOCK_M // BSQ) * BSQ
+    k_src, v_src = _sources(K, V, Nk, s_kn, s_vn, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)
     dq = _dq_steps(
-        dq, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+        dq, b_q, b_do, b_lse2, b_delta, k_src, v_src, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
-        BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+        BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, TMA, WINDOWED, SPARSE, BIAS, BSQ, BSK,
         DOT_F32, PREC)
     dq = _dq_steps(
         dq, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
-        BIAS != 0, BLOCK_M, BLOCK_B, D, DV, BLOCK_D, BLOCK_DV, True, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+        BIAS != 0, BLOCK_M, BLOCK_B, D, DV, BLOCK_D, BLOCK_DV, True, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
         DOT_F32, PREC)
     tl.store(_tile_ptrs(DQ, i_b64, s_dqb, i_h, s_dqh, i_m * BLOCK_M, s_dqn, o_r, o_d),
              (dq * scale).to(DQ.dtype.element_ty), mask=m_row[:, None] & (o_d[None, :] < D))
@@ -479,7 +499,7 @@ def _dkdv_steps(
     dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
     p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, IDX_F, IDX_P, MID_P, ALL_MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -499,7 +519,7 @@ def _dkdv_steps(
         b_q, b_do, b_st = _load_and_score(  # [BM, BD], [BM, BDV], [BN, BM]
             b_k, Qh, DOh, start_m, s_qn, s_don, Nq, qk_scale, o_m[None, :], o_n[:, None], Nq, Nk,
             left, right, p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_N, BLOCK_M, D, DV, BLOCK_D, BLOCK_DV,
-            MASKED, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+            MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
         b_pt = _exp2_sub(b_st, b_lse2[None, :], qk_scale, MASKED)  # [BN, BM]
         dv = _dot(b_pt.to(b_do.dtype), b_do, dv, DOT_F32, PREC)  # [BN, BDV]
         b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
@@ -521,7 +541,7 @@ def _attn_bwd_dkdv(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     i_n, i_bhk = tl.program_id(0), tl.program_id(1)
     Hkv = H // G
@@ -553,15 +573,16 @@ def _attn_bwd_dkdv(
         lo, lo_u, hi_u, hi, n_full, n_part, p_l = _walk_setup(
             i_n * BLOCK_N, BLOCK_N, BLOCK_M, Nk, Nq, Nq - Nk, -right, left, Q_NUM_F, Q_NUM_P, i_b, i_h,
             sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSK, 0, Nq)
+        q_src, do_src = _sources(Qh, DOh, Nq, s_qn, s_don, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, TMA)
         dk, dv = _dkdv_steps(
-            dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
+            dk, dv, b_k, b_v, q_src, do_src, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
             p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
-            BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+            BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, TMA, WINDOWED, SPARSE, BIAS, BSQ, BSK,
             DOT_F32, PREC)
         dk, dv = _dkdv_steps(
             dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
             p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
-            BIAS != 0, BLOCK_B, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+            BIAS != 0, BLOCK_B, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
             DOT_F32, PREC)
     tl.store(_tile_ptrs(DK, i_b64, s_dkb, i_hk, s_dkh, i_n * BLOCK_N, s_dkn, o_r, o_d),
              (dk * scale).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
@@ -603,7 +624,35 @@ def _prune(kernel_name: str, configs, named_args, **kwargs):
                           num_warps=c.num_warps, num_stages=c.num_stages)]
 
 
-_KEY = ["N_BUCKET_Q", "N_BUCKET_K", "D", "DV", "WINDOWED", "SPARSE", "BIAS", "BSQ", "BSK", "PREC"]
+_KEY = ["N_BUCKET_Q", "N_BUCKET_K", "D", "DV", "WINDOWED", "SPARSE", "BIAS", "BSQ", "BSK", "PREC", "TMA"]
+
+# Interior steps load through tensor descriptors (TMA) on sm_90+ for the 16-bit, mask-free family when
+# every row base / stride is 16-byte aligned; "auto" decides per call, "off" forces the pointer path,
+# "on" forces descriptors (the tests run the descriptor path under the interpreter this way).
+TMA_MODE = "auto"
+
+
+def _tma_ok(tensors, family: Optional[str]) -> bool:
+    """Whether the interior loads of this call may use tensor descriptors (see TMA_MODE)."""
+    if TMA_MODE != "auto":
+        return TMA_MODE == "on"
+    if interpreter_enabled() or family != "sm90" or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
+            return False
+    _ensure_allocator()
+    return True
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need a global scratch allocator; install a torch-backed one unless
+    the caller installed their own (Triton keeps it in a context variable: set it per thread)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 def _family(dtype: torch.dtype, device: torch.device, bias_mode: int) -> str:
@@ -614,6 +663,10 @@ def _family(dtype: torch.dtype, device: torch.device, bias_mode: int) -> str:
     if bias_mode:
         return "mask"
     return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
+
+
+def _call_family(q: torch.Tensor, bias_mode: int) -> Optional[str]:
+    return None if interpreter_enabled() else _family(q.dtype, q.device, bias_mode)
 
 
 def _tuned(kernel, table, family: str, bucket: int):
@@ -739,7 +792,8 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
             *sb, *sl, Hq, Hq // Hkv, Nq, Nk, scale * LOG2E, left_, right_, split_keys, *split_strides,
             seqlen_bucket(Nq), seqlen_bucket(Nk))
     meta = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, WINDOWED=windowed, SPARSE=sparse is not None,
-                BIAS=bias_mode, BSQ=bsq, BSK=bsk, COUNT=count_visits, DOT_F32=dot_f32, PREC=prec)
+                BIAS=bias_mode, BSQ=bsq, BSK=bsk, COUNT=count_visits, DOT_F32=dot_f32, PREC=prec,
+                TMA=_tma_ok((k, v), _call_family(q, bias_mode)))
     _launch(_attn_fwd, FWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq, splits), args, meta,
             max(BD, BDV), q.dtype, q.device)
     if splits > 1:
@@ -767,7 +821,8 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, r
     common = (Hq, Hq // Hkv, Nq, Nk, scale * LOG2E, scale, left_, right_, seqlen_bucket(Nq), seqlen_bucket(Nk))
     sp, sl, bsq, bsk = _sparse_args(sparse, B, Hq, False, q)
     meta = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, WINDOWED=windowed, SPARSE=sparse is not None,
-                BIAS=bias_mode, BSQ=bsq, BSK=bsk, DOT_F32=dot_f32, PREC=prec)
+                BIAS=bias_mode, BSQ=bsq, BSK=bsk, DOT_F32=dot_f32, PREC=prec,
+                TMA=_tma_ok((q, k, v, do), _call_family(q, bias_mode)))
     args = (q, k, v, do, dq, lse, delta, bias_t, *sp,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -790,6 +845,7 @@ _INT_PTRS = ("KV_NUM_F", "KV_IDX_F", "KV_NUM_P", "KV_IDX_P", "KV_MID_P",
 _KERNELS = {"fwd": _attn_fwd, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv}
 # Mask variants a config must compile spill-free in (the heaviest ones), per config family.
 _VARIANTS = {
+    "dense": dict(WINDOWED=False, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30),
     "causal": dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30),
     "sparse": dict(WINDOWED=False, SPARSE=True, BIAS=0, BSQ=128, BSK=128),
     "bias": dict(WINDOWED=True, SPARSE=False, BIAS=2, BSQ=1 << 30, BSK=1 << 30),
@@ -840,16 +896,19 @@ def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, i
     dtype = dtype or _FAMILY_DTYPES[family][-1 if variant == "sparse" else 0]
     kernel = _KERNELS[tag]
     cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, **_tiles(kernel.__name__, bm, bn),
-              DOT_F32=False, PREC="tf32" if family == "fp32" else "ieee", **var)
+              DOT_F32=False, PREC="tf32" if family == "fp32" else "ieee", TMA=family == "sm90", **var)
     if tag == "fwd":
         cx["COUNT"] = False
     sig = _signature(kernel, dtype, cx)
     name = f"attn_{tag}[{family},{variant},{str(dtype)[6:]},d{bucket}] BM{bm} BN{bn} w{w} s{s}"
-    # nominal MMA FLOPs of one loop iteration: fwd QK^T + PV; dQ QK^T, dO V^T, dS K; dK/dV all four
+    # nominal MMA FLOPs of one iteration of the interior and of the boundary loop (program tile x step x
+    # head dim x matmuls: fwd QK^T + PV; dQ QK^T, dO V^T, dS K; dK/dV all four)
     n_mm = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4}[tag]
+    this, step = (bn, bm) if tag == "bwd_dkdv" else (bm, bn)
+    iter_flops = [2 * this * st * bucket * n_mm for st in (step, cx["BLOCK_B"])]
     return KernelSpec(name, kernel, sig, cx, w, s, archs=_FAMILY_ARCHS[family],
                       tags=dict(kernel=tag, family=family, dtype=str(dtype), head_dim=bucket, variant=variant,
-                                iter_flops=2 * bm * bn * bucket * n_mm),
+                                iter_flops=iter_flops),
                       divisible_16=_aligned_args(sig))
 
 

@@ -151,12 +151,15 @@ def loop_stats(instrs: List[dict], span: tuple, num_warps: int, nominal_flops: O
     }
 
 
-def analyse(sass: str, num_warps: int, nominal_flops: Optional[float] = None) -> List[dict]:
-    """Stats of every main loop of one kernel's SASS (address order)."""
+def analyse(sass: str, num_warps: int, nominal_flops=None) -> List[dict]:
+    """Stats of every main loop of one kernel's SASS (address order). ``nominal_flops``: one number for
+    every loop, or a list giving loop i its entry (the last entry for any further loop)."""
     instrs = parse(sass)
-    return [dict(loop_stats(instrs, s, num_warps, nominal_flops), span=(hex(instrs[s[0]]["addr"]),
-                                                                       hex(instrs[s[1]]["addr"])))
-            for s in loops(instrs)]
+    if not isinstance(nominal_flops, (list, tuple)):
+        nominal_flops = [nominal_flops]
+    return [dict(loop_stats(instrs, s, num_warps, nominal_flops[min(i, len(nominal_flops) - 1)]),
+                 span=(hex(instrs[s[0]]["addr"]), hex(instrs[s[1]]["addr"])))
+            for i, s in enumerate(loops(instrs))]
 
 
 def format_loops(rows: List[dict]) -> str:
