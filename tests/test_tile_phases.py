@@ -1,0 +1,78 @@
+"""The two-phase walk of the tile engine: interior tiles (no masks) vs boundary tiles (masked body), the
+tensor-descriptor (TMA) interior path run under the interpreter, and a negative scale."""
+import pytest
+import torch
+
+from tileattn.kernels import attention as A
+from tileattn.kernels.utils import interpreter_enabled
+from tileattn.reference import visible_mask
+from helpers import DEVICE, run_case
+
+
+def _expected_phases(nq, nk, bm, bn, left, right):
+    """Per query tile: (#key tiles fully visible and in bounds, #key tiles partly visible), brute force
+    from the element mask (causal = right 0; -1 unbounded), in the tiles of the walk's grid."""
+    win = None if (left, right) == (-1, -1) else (left, right)
+    vis = visible_mask(nq, nk, causal=False, window=win, device="cpu")
+    out = []
+    for m0 in range(0, nq, bm):
+        rows = vis[m0:m0 + bm]
+        n_int = n_bnd = 0
+        for n0 in range(0, nk + bn, bn):
+            tile = rows[:, n0:n0 + bn]
+            if tile.numel() == 0 or not tile.any():
+                continue
+            if tile.shape[1] == bn and tile.all():
+                n_int += 1
+            else:
+                n_bnd += 1
+        out.append((n_int, n_bnd))
+    return out
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="the step counter is an interpreter-build debug option")
+@pytest.mark.parametrize("nq,nk,left,right", [
+    pytest.param(256, 256, -1, -1, id="dense-tile-multiple"),
+    pytest.param(100, 257, -1, -1, id="dense-ragged"),
+    pytest.param(256, 256, -1, 0, id="causal"),
+    pytest.param(100, 300, -1, 0, id="causal-nq<nk"),
+    pytest.param(300, 100, -1, 0, id="causal-nq>nk"),
+    pytest.param(200, 200, 40, 0, id="causal-window-cuts-tiles"),
+    pytest.param(150, 170, 45, 13, id="window-both-sides"),
+    pytest.param(64, 500, 70, -1, id="window-left-only"),
+])
+def test_interior_and_boundary_tiles(nq, nk, left, right):
+    """Each query tile runs exactly the fully visible in-bounds key tiles unmasked and exactly the partly
+    visible ones masked; lengths that are and are not tile multiples, windows that cut tiles, Nq != Nk."""
+    q = torch.randn(1, 1, nq, 16, device=DEVICE)
+    k = torch.randn(1, 1, nk, 16, device=DEVICE)
+    _, _, visits = A.attention_forward(q, k, k, scale=0.25, left=left, right=right, count_visits=True)
+    bm, bn = A.INTERPRET_CONFIG[0], A.INTERPRET_CONFIG[1]
+    assert [tuple(x) for x in visits[0].tolist()] == _expected_phases(nq, nk, bm, bn, left, right)
+
+
+@pytest.fixture
+def tma_on(monkeypatch):
+    monkeypatch.setattr(A, "TMA_MODE", "on")
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="forces the descriptor path under the interpreter")
+@pytest.mark.parametrize("B,Hq,Hkv,Nq,Nk,D,Dv,causal,window", [
+    pytest.param(1, 2, 2, 65, 65, 64, 64, True, None, id="causal-65"),
+    pytest.param(1, 4, 2, 40, 97, 80, 80, False, None, id="gqa-d80-nq<nk"),
+    pytest.param(2, 2, 1, 70, 40, 32, 48, True, None, id="mqa-causal-nq>nk-dv48"),
+    pytest.param(1, 2, 2, 90, 90, 16, 16, False, (20, 7), id="window"),
+])
+def test_descriptor_interior_path(tma_on, B, Hq, Hkv, Nq, Nk, D, Dv, causal, window):
+    """The interior steps loading through tensor descriptors (the sm_90 path) give the same results."""
+    run_case(B, Hq, Hkv, Nq, Nk, D, Dv, torch.float32, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("tma", ["off", "on"])
+def test_negative_scale(monkeypatch, tma):
+    """The scale's sign is folded into the score operand (kernels scale by |scale|): negative scales
+    stay exact in both phases."""
+    if tma == "on" and not interpreter_enabled():
+        pytest.skip("descriptor path forced only under the interpreter")
+    monkeypatch.setattr(A, "TMA_MODE", tma if tma == "on" else A.TMA_MODE)
+    run_case(1, 2, 1, 70, 45, 32, 32, torch.float32, causal=True, scale=-0.4)
