@@ -141,7 +141,9 @@ def check_attention_inputs(q, k, v) -> None:
 class TensorCache:
     """A small cache keyed by a tensor's *identity* and version counter (plus ``extra``), never by its
     address alone: a freed tensor's memory can be reused by a new tensor with other contents. Entries die
-    with their tensor (weak reference); in-place writes bump the version and miss."""
+    with their tensor (weak reference); in-place writes bump the version and miss. Writes that bypass the
+    version counter (``t.data[...] = ...``, memory shared with numpy or DLPack) are NOT seen: every user of
+    this cache documents what a stale hit means (SDPA: a stale BlockMask; lightning: see ``_check_decay``)."""
 
     def __init__(self, size: int = 8):
         self._size = size

@@ -70,7 +70,9 @@ def _sparse_block_mask(bias: Optional[torch.Tensor], q: torch.Tensor, k: torch.T
     if nq * nk < SPARSE_MIN_ELEMENTS or nk != k.shape[2] or nq != q.shape[2]:
         return None
     # The same mask object is typically passed to every layer (Hugging Face does): build its BlockMask once
-    # per mask tensor (identity + version, so a new or modified mask is never served a stale BlockMask).
+    # per mask tensor (identity + version, so a new or in-place modified mask is never served a stale BlockMask;
+    # writes that bypass the version counter, ``mask.data[...] = ...`` or numpy-shared memory, are not seen:
+    # documented in the README).
     hit = _BLOCK_MASK_CACHE.get(bias)
     if hit is not None:
         return hit[0]
@@ -173,7 +175,9 @@ def scaled_dot_product_attention(
         key: (..., Hkv, S, E); leading dims broadcast against query's like torch.
         value: (..., Hkv, S, Ev).
         attn_mask: bool (True = take part in attention) or float (added to the scaled scores) tensor
-            broadcastable to (..., Hq, L, S).
+            broadcastable to (..., Hq, L, S), or torch's ``CausalBias``
+            (``torch.nn.attention.bias.causal_upper_left`` = ``is_causal``; ``causal_lower_right`` =
+            bottom-right causal). Other tensor subclasses with their own ``__torch_function__`` go to torch.
         dropout_p: attention dropout probability; > 0 falls back to torch (no dropout in the kernels).
         is_causal: top-left aligned causal mask like torch (query i sees key j iff j <= i); an error
             together with ``attn_mask``.
