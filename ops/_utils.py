@@ -61,6 +61,23 @@ def check_same(tensors: Sequence[Tuple[str, torch.Tensor]]) -> None:
             raise ValueError(f"{n} is on {t.device} but {n0} is on {t0.device}; they must be on one device")
 
 
+def check_bool(name: str, x) -> bool:
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    return x
+
+
+def dispatching_subclass(t) -> bool:
+    """Whether ``t`` is a tensor subclass with its own ``__torch_function__`` (e.g. torch's ``CausalBias``,
+    whose storage is not the mask it stands for): its values must not be read as a dense tensor.
+    ``nn.Parameter`` and subclasses that disable torch-function dispatch are plain tensors."""
+    if not isinstance(t, torch.Tensor) or type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter):
+        return False
+    fn = type(t).__torch_function__
+    return getattr(fn, "__func__", fn) not in (torch.Tensor.__torch_function__.__func__,
+                                               torch._C._disabled_torch_function_impl)
+
+
 def check_scale(scale: Optional[float], d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d)
@@ -75,18 +92,25 @@ def check_scale(scale: Optional[float], d: int) -> float:
     return float(scale)
 
 
+def _int_or_0d(x):
+    """A 0-d integer tensor (FlashAttention's tests pass window sizes so) as a Python int; else ``x``."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point() and not x.is_complex() \
+            and x.dtype != torch.bool:
+        return int(x.item())
+    return x
+
+
 def check_window(window, causal: bool) -> Tuple[int, int]:
     """Normalise ``window`` to ``(left, right)`` ints (-1 = unbounded); causal forces right = 0."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_bool("causal", causal)
     if window is None:
         left, right = -1, -1
     else:
         if not isinstance(window, (tuple, list)) or len(window) != 2:
             raise TypeError(f"window must be a (left, right) tuple of ints or None, got {window!r}")
-        left, right = window
+        left, right = (_int_or_0d(x) for x in window)
         if isinstance(left, bool) or isinstance(right, bool) or not all(isinstance(x, int) for x in (left, right)):
-            raise TypeError(f"window must hold ints, got {window!r}")
+            raise TypeError(f"window must hold ints (or 0-d integer tensors), got {window!r}")
         if left < -1 or right < -1:
             raise ValueError(f"window sizes must be >= 0 or -1 (unbounded), got {window!r}")
     if causal:
@@ -117,7 +141,9 @@ def check_attention_inputs(q, k, v) -> None:
 class TensorCache:
     """A small cache keyed by a tensor's *identity* and version counter (plus ``extra``), never by its
     address alone: a freed tensor's memory can be reused by a new tensor with other contents. Entries die
-    with their tensor (weak reference); in-place writes bump the version and miss."""
+    with their tensor (weak reference); in-place writes bump the version and miss. Writes that bypass the
+    version counter (``t.data[...] = ...``, memory shared with numpy or DLPack) are NOT seen: every user of
+    this cache documents what a stale hit means (SDPA: a stale BlockMask; lightning: see ``_check_decay``)."""
 
     def __init__(self, size: int = 8):
         self._size = size
@@ -144,3 +170,30 @@ class TensorCache:
         if len(self._d) >= self._size:
             self._d.pop(next(iter(self._d)))
         self._d[id(root)] = (weakref.ref(root), root._version, self._view(t, extra), value)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity whose backward raises: marks first-order gradients built with ``create_graph=True``."""
+
+    @staticmethod
+    def forward(ctx, name, *xs):
+        ctx.name = name
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"tileattn.{ctx.name}: double backward (differentiating its gradients, e.g. create_graph=True then "
+            "backward again) is not supported; the backward kernels have no derivative")
+
+
+def no_double_backward(name: str, *grads):
+    """``grads`` unchanged; when the backward itself is being recorded (``create_graph=True``), wrapped so
+    that differentiating them raises a clear NotImplementedError (first-order use still works)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    live = [i for i, g in enumerate(grads) if g is not None]
+    out = list(grads)
+    for i, g in zip(live, _NoDoubleBackward.apply(name, *(grads[i] for i in live))):
+        out[i] = g
+    return tuple(out)

@@ -1,11 +1,13 @@
 """Fused softmax attention: public function, argument checks and the autograd Function."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import List, Optional, Tuple, Union
 
 import torch
 
-from tileattn._utils import check_attention_inputs, check_scale, check_window, use_triton
+from tileattn._utils import (check_attention_inputs, check_bool, check_scale, check_window, no_double_backward,
+                             use_triton)
 from tileattn.kernels.attention import attention_backward, attention_forward
 from tileattn.reference import attention_ref
 
@@ -57,15 +59,24 @@ def _prepare_block_mask(block_mask, q, k, left: int, right: int):
         raise TypeError(f"block_mask must be a tileattn.BlockMask, got {type(block_mask).__name__}")
     block_mask.check_compatible(q, k)  # lengths, batch / head broadcast, device
     if (left, right) != (-1, -1):
-        # folded once per (mask, window) and kept on the mask: later calls reuse it (no host work per call)
-        cache = block_mask.__dict__.setdefault("_tileattn_folded", {})
-        if (left, right) not in cache:
+        # Folded once per (mask, window) and kept on the mask in a small LRU (_FOLD_CACHE_SIZE windows): later
+        # calls with a recent window reuse it (no host work per call). Keyed by the BlockMask object, whose
+        # lists are immutable by contract (they are value-checked once, at construction).
+        cache = block_mask.__dict__.setdefault("_tileattn_folded", OrderedDict())
+        folded = cache.pop((left, right), None)
+        if folded is None:
             win = create_block_mask(masks.sliding_window(left, right, q_len=q.shape[2], kv_len=k.shape[2]),
                                     None, None, q.shape[2], k.shape[2],
                                     block_size=(block_mask.bs_q, block_mask.bs_k), device=q.device)
-            cache[(left, right)] = block_mask & win
-        block_mask = cache[(left, right)]
+            folded = block_mask & win
+            while len(cache) >= _FOLD_CACHE_SIZE:
+                cache.popitem(last=False)
+        cache[(left, right)] = folded
+        block_mask = folded
     return block_mask
+
+
+_FOLD_CACHE_SIZE = 8
 
 
 _SPARSE_FIELDS = ("kv_num_full", "kv_idx_full", "kv_num_part", "kv_idx_part", "kv_mask_id_part",
@@ -121,7 +132,8 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, dlse, bias, sparse, scale, left, right)
+    dq, dk, dv = no_double_backward("attention", *_attention_bwd_op(dout, q, k, v, out, lse, dlse, bias, sparse,
+                                                                    scale, left, right))
     return dq, dk, dv, None, [None] * ctx.n_sparse, None, None, None
 
 
@@ -144,6 +156,7 @@ def _attention(
     (True = attend) or float (added to scaled scores) tensor broadcastable to (B, Hq, Nq, Nk); it gets
     no gradient."""
     check_attention_inputs(q, k, v)
+    check_bool("return_lse", return_lse)
     left, right = check_window(window, causal)
     scale = check_scale(scale, q.shape[-1])
     bias = _check_bias(bias, q, k)

@@ -79,7 +79,9 @@ def _default_device(device) -> torch.device:
     (``cuda`` -> ``cuda:<current>``), so that device comparisons hold."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.empty(0, device=device).device
+    dev = torch.empty(0, device=device).device
+    _check_real_device(dev)
+    return dev
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,6 +244,62 @@ def _bounds_mask(rows: int, cols: int, bs_q: int, bs_k: int, device) -> torch.Te
     return r & c
 
 
+def _check_real_device(dev: torch.device) -> None:
+    if dev.type == "meta":
+        raise ValueError("a BlockMask needs a device that holds values (cpu / cuda), not 'meta': the kernels "
+                         "read its lists; build it on the device of q")
+
+
+def _decode_lists(lists, n_cols: int, names=None, n_masks: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block state ``(kind int8, mask_id int32)`` of shape (B, H, R, n_cols) from one list set
+    ``(num_full, idx_full, num_part, idx_part, mask_id_part)`` (R rows of n_cols blocks). With ``names``
+    (the lists' names) every value the kernels dereference is validated first, vectorised: counts in
+    [0, n_cols], listed indices in [0, n_cols) and unique per row over both lists, mask ids in [0, n_masks)."""
+    num_f, idx_f, num_p, idx_p, mid_p = lists
+    dev = idx_f.device
+    kind = torch.zeros(idx_f.shape, dtype=torch.int8, device=dev)
+    mask_id = torch.zeros(idx_f.shape, dtype=torch.int32, device=dev)
+    hits = torch.zeros(idx_f.shape, dtype=torch.int32, device=dev) if names else None
+    slot = torch.arange(n_cols, device=dev)
+
+    def fail(bad, vals, name, want, where):
+        pos = torch.nonzero(bad)[0]
+        raise ValueError(f"BlockMask.{name} must hold {want}; got {int(vals[tuple(pos)])} at "
+                         f"{where(pos)} (build masks with create_block_mask / BlockMask.from_layout)")
+
+    for k, (num, idx, val) in enumerate(((num_f, idx_f, _FULL), (num_p, idx_p, _PARTIAL))):
+        if names:
+            bad = (num < 0) | (num > n_cols)
+            if bool(bad.any()):
+                fail(bad, num, names[2 * k], f"counts in [0, {n_cols}]", lambda p: f"(b, h, row) = {tuple(int(x) for x in p)}")
+        b, h, i, s = torch.nonzero(slot < num[..., None]).unbind(1)
+        j = idx[b, h, i, s]
+        if names:
+            sel = torch.stack([b, h, i, s])
+            where = lambda p: f"(b, h, row, slot) = {tuple(int(x) for x in sel[:, int(p[0])])}"  # noqa: E731
+            bad = (j < 0) | (j >= n_cols)
+            if bool(bad.any()):
+                fail(bad, j, names[2 * k + 1], f"block indices in [0, {n_cols}) in its first count entries", where)
+            if val == _PARTIAL:
+                m = mid_p[b, h, i, s]
+                bad = (m < 0) | (m >= n_masks)
+                if bool(bad.any()):
+                    fail(bad, m, names[4], f"mask ids in [0, M={n_masks})", where)
+            hits.index_put_((b, h, i, j.long()), torch.ones_like(j), accumulate=True)
+        j = j.long()
+        kind[b, h, i, j] = val
+        if val == _PARTIAL:
+            mask_id[b, h, i, j] = mid_p[b, h, i, s]
+    if names:
+        bad = hits > 1
+        if bool(bad.any()):
+            pos = tuple(int(x) for x in torch.nonzero(bad)[0])
+            raise ValueError(f"BlockMask.{names[1]} / {names[3]} must list each block at most once per row (no "
+                             f"duplicates, no block both full and partial); (b, h, row, block) = {pos} is listed "
+                             f"{int(hits[pos])} times (build masks with create_block_mask / BlockMask.from_layout)")
+    return kind, mask_id
+
+
 class BlockMask:
     """Block-sparse attention mask (see the module docstring for the data contract).
 
@@ -281,9 +339,16 @@ class BlockMask:
         q_num_part: torch.Tensor,
         q_idx_part: torch.Tensor,
         q_mask_id_part: torch.Tensor,
+        _trusted: bool = False,
     ):
-        """Low-level constructor from already-built lists (checked for shape / dtype / device). Prefer
-        :func:`create_block_mask` or :meth:`from_layout`."""
+        """Low-level constructor from already-built lists. Checks shapes, dtypes and devices, and every
+        value a kernel dereferences (counts in ``[0, nKB]`` / ``[0, nQB]``, block indices in range and
+        unique per row across the full and partial lists, mask ids in ``[0, M)``, forward and transposed
+        lists describing the same blocks and mask ids), raising ``ValueError`` naming the offending list.
+        The check is vectorised but reads every list once and syncs with the device (cost
+        O(B * H * nQB * nKB)); :func:`create_block_mask` and :meth:`from_layout` build valid lists by
+        construction and skip it (``_trusted`` is internal). The lists are not re-checked later: do not
+        modify them in place after construction."""
         self.q_len, self.kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
         self.bs_q, self.bs_k = _check_block_size((bs_q, bs_k))
         self.num_q_blocks = -(-self.q_len // self.bs_q)
@@ -318,7 +383,29 @@ class BlockMask:
             raise ValueError(f"BlockMask.masks must be uint8 (M >= 1, {self.bs_q}, {self.bs_k})")
         if masks.device != dev or not masks.is_contiguous():
             raise ValueError(f"BlockMask.masks must be contiguous and on {dev}")
+        _check_real_device(dev)
         self._kind_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        if not _trusted:
+            self._kind_cache = self._check_lists()
+
+    def _check_lists(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Validate the values of both list sets (see ``__init__``); returns the block state."""
+        names = self._LIST_NAMES
+        m = self.masks.shape[0]
+        fwd = _decode_lists([getattr(self, n) for n in names[:5]], self.num_kv_blocks, names[:5], m)
+        bwd = _decode_lists([getattr(self, n) for n in names[5:]], self.num_q_blocks, names[5:], m)
+        kind_t, mid_t = (t.transpose(-1, -2) for t in bwd)
+        bad = (fwd[0] != kind_t) | ((fwd[0] == _PARTIAL) & (fwd[1] != mid_t))
+        if bool(bad.any()):
+            b, h, i, j = (int(x) for x in torch.nonzero(bad)[0])
+            what = {_EMPTY: "empty", _FULL: "full", _PARTIAL: "partial"}
+            desc = [f"{what[int(kd[b, h, i, j])]}" + (f" (mask id {int(md[b, h, i, j])})"
+                    if int(kd[b, h, i, j]) == _PARTIAL else "") for kd, md in (fwd, (kind_t, mid_t))]
+            raise ValueError(
+                f"BlockMask: the forward lists (kv_*) and the transposed lists (q_*) must describe the same "
+                f"blocks; at (b={b}, h={h}, q block {i}, kv block {j}) the forward lists say {desc[0]}, the "
+                f"transposed lists say {desc[1]} (build masks with create_block_mask / BlockMask.from_layout)")
+        return fwd
 
     # ---------------------------------------------------------------------------------- builders
     @classmethod
@@ -338,7 +425,7 @@ class BlockMask:
             kv_num_full=kv_num_full, kv_idx_full=kv_idx_full, kv_num_part=kv_num_part,
             kv_idx_part=kv_idx_part, kv_mask_id_part=kv_mask_id_part,
             q_num_full=q_num_full, q_idx_full=q_idx_full, q_num_part=q_num_part,
-            q_idx_part=q_idx_part, q_mask_id_part=q_mask_id_part,
+            q_idx_part=q_idx_part, q_mask_id_part=q_mask_id_part, _trusted=True,
         )
         bm._kind_cache = (kind.to(torch.int8).contiguous(), mask_id)
         return bm
@@ -381,6 +468,7 @@ class BlockMask:
         if -(-kv_len // bs_k) != nkb:
             raise ValueError(f"layout has {nkb} key blocks but ceil(kv_len={kv_len} / bs_k={bs_k}) = {-(-kv_len // bs_k)}")
         dev = layout.device
+        _check_real_device(dev)
         rq, rk = q_len - (nqb - 1) * bs_q, kv_len - (nkb - 1) * bs_k  # valid rows/cols of the last blocks
         edge_q = torch.zeros(nqb, dtype=torch.int64, device=dev)
         edge_k = torch.zeros(nkb, dtype=torch.int64, device=dev)
@@ -419,19 +507,7 @@ class BlockMask:
         """``(kind, mask_id)``, both (B, H, nQB, nKB): kind int8 (0 empty, 1 partial, 2 full), mask_id
         int32 (index into ``masks`` for partial blocks, 0 elsewhere). Rebuilt from the forward lists."""
         if self._kind_cache is None:
-            shape = (self.B, self.H, self.num_q_blocks, self.num_kv_blocks)
-            dev = self.device
-            slot = torch.arange(self.num_kv_blocks, device=dev)
-            kind = torch.zeros(shape, dtype=torch.int8, device=dev)
-            mask_id = torch.zeros(shape, dtype=torch.int32, device=dev)
-            for num, idx, val in ((self.kv_num_full, self.kv_idx_full, _FULL),
-                                  (self.kv_num_part, self.kv_idx_part, _PARTIAL)):
-                b, h, i, s = torch.nonzero(slot < num[..., None]).unbind(1)
-                j = idx[b, h, i, s].long()
-                kind[b, h, i, j] = val
-                if val == _PARTIAL:
-                    mask_id[b, h, i, j] = self.kv_mask_id_part[b, h, i, s]
-            self._kind_cache = (kind, mask_id)
+            self._kind_cache = _decode_lists([getattr(self, n) for n in self._LIST_NAMES[:5]], self.num_kv_blocks)
         return self._kind_cache
 
     def layout(self) -> torch.Tensor:
@@ -491,7 +567,7 @@ class BlockMask:
             return self
         kw = {n: getattr(self, n).to(device) for n in self._LIST_NAMES}
         bm = BlockMask(q_len=self.q_len, kv_len=self.kv_len, bs_q=self.bs_q, bs_k=self.bs_k,
-                       masks=self.masks.to(device), **kw)
+                       masks=self.masks.to(device), _trusted=True, **kw)
         if self._kind_cache is not None:
             bm._kind_cache = tuple(t.to(device) for t in self._kind_cache)
         return bm
@@ -725,6 +801,10 @@ def create_block_mask(
     q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
     bs_q, bs_k = _check_block_size(block_size)
     dev = _default_device(device)
+    need = getattr(mask_fn, "_tileattn_min_len", 0)
+    if need > max(q_len, kv_len):
+        raise ValueError(f"mask_fn refers to token position {need - 1} (e.g. a longformer global index), outside "
+                         f"the sequence (q_len={q_len}, kv_len={kv_len})")
     band = getattr(mask_fn, "_tileattn_band", None)
     if band is not None:  # tileattn.masks causal / sliding_window: closed form, same result
         return _band_block_mask(band, Bm, Hm, q_len, kv_len, bs_q, bs_k, dev)

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tileattn._utils import (MAX_HEAD_DIM, TensorCache, check_same, check_scale, check_tensor, use_triton,
-                             warn_once)
+from tileattn._utils import (MAX_HEAD_DIM, TensorCache, check_bool, check_same, check_scale, check_tensor,
+                             no_double_backward, use_triton, warn_once)
 from tileattn.reference import linear_attention_quadratic_ref, linear_attention_recurrent_ref
 
 __all__ = ["lightning_attention", "lightning_decode", "lightning_decay_rates", "LightningAttention"]
@@ -90,7 +90,8 @@ def _can_sync() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-_CHECKED_DECAY = TensorCache(64)  # rate tensors already value-checked (identity + version)
+# CUDA rate tensors already value-checked (identity + version; see _check_decay for writes it cannot see)
+_CHECKED_DECAY = TensorCache(64)
 
 
 def _check_decay(decay, H: int, q: torch.Tensor) -> torch.Tensor:
@@ -107,10 +108,14 @@ def _check_decay(decay, H: int, q: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"decay is on {decay.device} but q is on {q.device}")
     if decay.requires_grad:
         warn_once("lightning-decay-grad", "tileattn.lightning_attention: decay rates are constants; they get no gradient.")
-    rates = decay.detach().reshape(H).to(torch.float32).contiguous()
-    # The value check syncs with the device: do it once per (tensor, version), not on every call (a decode
-    # loop passes the same rates for every token and layer).
-    if _can_sync() and _CHECKED_DECAY.get(decay) is None:
+    rates = decay.detach().reshape(H).to(torch.float32)
+    # Device side, every call, no sync: an invalid rate becomes NaN, so the heads it drives return NaN (never
+    # finite garbage such as the ~1e32 a negative rate gives). This covers writes the eager check below
+    # cannot see: it runs once per (tensor, version) on CUDA (it syncs; a decode loop passes the same rates
+    # for every token and layer), and writes that bypass the version counter (``.data[...] = ...``, memory
+    # shared with numpy) do not bump the version. On CPU the check is free of syncs and runs every call.
+    rates = torch.where((rates >= 0) & (rates < math.inf), rates, math.nan).contiguous()
+    if _can_sync() and (not rates.is_cuda or _CHECKED_DECAY.get(decay) is None):
         if not bool(torch.isfinite(rates).all() & (rates >= 0).all()):
             raise ValueError(
                 "decay must hold finite rates s_h >= 0 (lambda_h = exp(-s_h)); got negative or non-finite "
@@ -146,8 +151,7 @@ def _check_inputs(q, k, v, decay, scale, initial_state, output_final_state, stat
     DV = v.shape[3]
     if D > MAX_HEAD_DIM or DV > MAX_HEAD_DIM:
         raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got D={D}, Dv={DV}")
-    if not isinstance(output_final_state, bool):
-        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    check_bool("output_final_state", output_final_state)
     scale = check_scale(scale, D)
     rates = _check_decay(decay, H, q)
     h0 = _check_state(state_name, initial_state, (B, H, D, DV), q)
@@ -251,8 +255,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, dht):
     q, k, v, rates, initial_state = ctx.saved_tensors
-    dq, dk, dv, dh0 = torch.ops.tileattn.lightning_bwd(do, dht, q, k, v, rates, ctx.scale, initial_state,
-                                                       ctx.block_size)
+    dq, dk, dv, dh0 = no_double_backward("lightning_attention", *torch.ops.tileattn.lightning_bwd(
+        do, dht, q, k, v, rates, ctx.scale, initial_state, ctx.block_size))
     return dq, dk, dv, None, None, (dh0 if ctx.has_h0 else None), None
 
 

@@ -233,7 +233,8 @@ def longformer(window: int, global_idx: Union[Sequence[int], torch.Tensor] = ())
 
     Args:
         window: one-sided local window (each query sees ``window`` keys on each side and itself).
-        global_idx: token positions (ints >= 0) that are global.
+        global_idx: token positions (ints >= 0) that are global; :func:`tileattn.create_block_mask`
+            raises ``ValueError`` when one lies outside the sequence (``>= max(q_len, kv_len)``).
     """
     w = _check_int("window", window, 0)
     g = torch.as_tensor(list(global_idx) if not isinstance(global_idx, torch.Tensor) else global_idx)
@@ -252,6 +253,7 @@ def longformer(window: int, global_idx: Union[Sequence[int], torch.Tensor] = ())
     def mask_fn(b, h, q_idx, kv_idx):
         return ((q_idx - kv_idx).abs() <= w) | is_global(q_idx) | is_global(kv_idx)
 
+    mask_fn._tileattn_min_len = int(g.max()) + 1 if g.numel() else 0  # create_block_mask checks it
     return mask_fn
 
 
@@ -327,6 +329,7 @@ def and_masks(*fns: MaskFn) -> MaskFn:
         los = [bd[0] for bd in bands if bd[0] is not None]
         his = [bd[1] for bd in bands if bd[1] is not None]
         mask_fn._tileattn_band = (max(los) if los else None, min(his) if his else None)
+    mask_fn._tileattn_min_len = _min_len(fns)
     return mask_fn
 
 
@@ -342,4 +345,10 @@ def or_masks(*fns: MaskFn) -> MaskFn:
             ok = ok | f(b, h, q_idx, kv_idx)
         return ok
 
+    mask_fn._tileattn_min_len = _min_len(fns)
     return mask_fn
+
+
+def _min_len(fns) -> int:
+    """The sequence length the combined predicates need (``_tileattn_min_len``: longformer's global tokens)."""
+    return max([getattr(f, "_tileattn_min_len", 0) for f in fns], default=0)

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from tileattn._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES, warn_once
+from tileattn._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES, check_bool, dispatching_subclass, warn_once
 
 __all__ = ["MultiheadAttention", "LightningAttention"]
 
@@ -58,6 +58,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     """
 
     def _fallback_reason(self, query, key, value, key_padding_mask, attn_mask) -> Optional[str]:
+        for m in (key_padding_mask, attn_mask):
+            if dispatching_subclass(m):
+                return f"a {type(m).__name__} mask (a tensor subclass torch dispatches itself; not a dense mask)"
         if self.training and self.dropout > 0.0:
             return "attention dropout > 0 in training mode (the fused kernels have no attention dropout)"
         if any(x.is_nested for x in (query, key, value)):
@@ -89,8 +92,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-            if m is not None and (not isinstance(m, torch.Tensor) or (m.dtype != torch.bool and not m.is_floating_point())):
+            if m is not None and (not isinstance(m, torch.Tensor) or (
+                    not dispatching_subclass(m) and m.dtype != torch.bool and not m.is_floating_point())):
                 raise TypeError(f"{name} must be a bool or floating point tensor or None")
+        for name, flag in (("need_weights", need_weights), ("average_attn_weights", average_attn_weights),
+                           ("is_causal", is_causal)):
+            check_bool(name, flag)
         reason = self._fallback_reason(query, key, value, key_padding_mask, attn_mask)
         if reason is not None:
             warn_once(f"mha-fallback-{reason}",
@@ -122,6 +129,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must match query's batch and each other's length")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
             raise ValueError(f"key_padding_mask must have shape (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}")
+        if is_causal and attn_mask is None:
+            raise ValueError("is_causal=True is a hint that needs attn_mask (torch's contract); pass the causal mask too")
+        # torch: with the is_causal hint, no key_padding_mask and need_weights=False, the causal flag replaces
+        # attn_mask, whose shape is then not checked beyond its rank (and the unbatched 3-d shape)
+        use_causal = is_causal and key_padding_mask is None and not need_weights
+        if use_causal:
+            if attn_mask.dim() not in (2, 3) or (not batched and attn_mask.dim() == 3
+                                                 and tuple(attn_mask.shape) != (H, L, S)):
+                raise ValueError("attn_mask must be 2-d or 3-d" + ("" if batched else f" ((num_heads, L, S) = "
+                                 f"{(H, L, S)} when 3-d for unbatched inputs)") + f", got shape {tuple(attn_mask.shape)}")
+            attn_mask = None
         if attn_mask is not None:
             if attn_mask.dim() == 2:
                 if tuple(attn_mask.shape) != (L, S):
@@ -134,8 +152,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 attn_mask = attn_mask.reshape(N, H, L, S)
             else:
                 raise ValueError(f"attn_mask must be 2-d or 3-d, got {attn_mask.dim()}-d")
-        if is_causal and attn_mask is None:
-            raise ValueError("is_causal=True is a hint that needs attn_mask (torch's contract); pass the causal mask too")
 
         # ---- projections ----
         if self._qkv_same_embed_dim:
@@ -163,7 +179,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             extra += 1
         Sx = S + extra
 
-        use_causal = is_causal and key_padding_mask is None and not need_weights
         bias = None
         if not use_causal:
             masks = [m for m in (attn_mask, None if key_padding_mask is None else key_padding_mask[:, None, None, :])

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from tileattn._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES, TensorCache, warn_once
+from tileattn._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES, TensorCache, dispatching_subclass, warn_once
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -35,14 +35,16 @@ def _sdpa_4d(
     is_causal: bool,
     scale: Optional[float],
     return_lse: bool = False,
+    lower_right: bool = False,
 ):
     """Internal: (B, Hq, L, E) / (B, Hkv, S, E) / (B, Hkv, S, Ev) inputs (Hq % Hkv == 0), ``bias`` a bool
     (True = attend) or float mask broadcastable to (B, Hq, L, S) or None, ``is_causal`` top-left aligned
-    (never together with ``bias``). Runs the fused op."""
+    (never together with ``bias``), ``lower_right``: bottom-right aligned causal (tileattn's ``causal``).
+    Runs the fused op."""
     from tileattn.attention import _attention
 
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    causal, window = False, None
+    causal, window = lower_right, None
     if is_causal:
         k, v, causal, window = _topleft_causal(q.shape[2], k.shape[2], k, v)
     block_mask = _sparse_block_mask(bias, q, k)
@@ -68,7 +70,9 @@ def _sparse_block_mask(bias: Optional[torch.Tensor], q: torch.Tensor, k: torch.T
     if nq * nk < SPARSE_MIN_ELEMENTS or nk != k.shape[2] or nq != q.shape[2]:
         return None
     # The same mask object is typically passed to every layer (Hugging Face does): build its BlockMask once
-    # per mask tensor (identity + version, so a new or modified mask is never served a stale BlockMask).
+    # per mask tensor (identity + version, so a new or in-place modified mask is never served a stale BlockMask;
+    # writes that bypass the version counter, ``mask.data[...] = ...`` or numpy-shared memory, are not seen:
+    # documented in the README).
     hit = _BLOCK_MASK_CACHE.get(bias)
     if hit is not None:
         return hit[0]
@@ -97,8 +101,29 @@ def _build_sparse_block_mask(bias: torch.Tensor, q: torch.Tensor):
                              Bm if Bm > 1 else None, Hm if Hm > 1 else None, nq, nk, block_size=bs, device=q.device)
 
 
+def _causal_bias(attn_mask, is_causal: bool, L: int, S: int):
+    """torch's ``CausalBias`` (``torch.nn.attention.bias.causal_upper_left / causal_lower_right``) as flags,
+    the way torch's SDPA dispatches it: upper-left (or Lq == Lk) is ``is_causal=True``; lower-right is
+    tileattn's bottom-right ``causal=True``. Returns ``(is_causal, lower_right)``; None when ``attn_mask``
+    is no CausalBias."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    if is_causal:
+        raise ValueError("scaled_dot_product_attention: a CausalBias attn_mask must not be combined with is_causal=True")
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
+        raise ValueError(f"CausalBias was built for (seq_len_q, seq_len_kv) = {(attn_mask.seq_len_q, attn_mask.seq_len_kv)} "
+                         f"but query / key have (L, S) = {(L, S)}")
+    upper = attn_mask.variant == CausalVariant.UPPER_LEFT or L == S
+    return upper, not upper
+
+
 def _fallback_reason(query, key, value, attn_mask, dropout_p) -> Optional[str]:
     """Why the fused path cannot take this call (None when it can)."""
+    if dispatching_subclass(attn_mask):
+        return (f"attn_mask is a {type(attn_mask).__name__} (a tensor subclass that torch's SDPA dispatches "
+                "itself; its storage is not a dense mask)")
     if dropout_p > 0.0:
         return "dropout_p > 0 (the fused kernels have no attention dropout)"
     if any(x.is_nested for x in (query, key, value)):
@@ -150,7 +175,9 @@ def scaled_dot_product_attention(
         key: (..., Hkv, S, E); leading dims broadcast against query's like torch.
         value: (..., Hkv, S, Ev).
         attn_mask: bool (True = take part in attention) or float (added to the scaled scores) tensor
-            broadcastable to (..., Hq, L, S).
+            broadcastable to (..., Hq, L, S), or torch's ``CausalBias``
+            (``torch.nn.attention.bias.causal_upper_left`` = ``is_causal``; ``causal_lower_right`` =
+            bottom-right causal). Other tensor subclasses with their own ``__torch_function__`` go to torch.
         dropout_p: attention dropout probability; > 0 falls back to torch (no dropout in the kernels).
         is_causal: top-left aligned causal mask like torch (query i sees key j iff j <= i); an error
             together with ``attn_mask``.
@@ -169,24 +196,32 @@ def scaled_dot_product_attention(
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if is_causal and attn_mask is not None:
-        raise ValueError("scaled_dot_product_attention: an explicit attn_mask must not be set when is_causal=True")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    torch_args = (attn_mask, is_causal)  # what a fallback passes to torch (which dispatches subclasses itself)
+    lower_right = False
+    flags = _causal_bias(attn_mask, is_causal, query.shape[-2] if query.dim() >= 2 else -1,
+                         key.shape[-2] if key.dim() >= 2 else -1)
+    if flags is not None:
+        (is_causal, lower_right), attn_mask = flags, None
+    if attn_mask is not None and not dispatching_subclass(attn_mask):
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        if is_causal:
+            raise ValueError("scaled_dot_product_attention: an explicit attn_mask must not be set when is_causal=True")
 
     reason = _fallback_reason(query, key, value, attn_mask, dropout_p)
     if reason is not None:
         warn_once(f"sdpa-fallback-{reason}",
                   f"tileattn.scaled_dot_product_attention: falling back to torch because of {reason}.")
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=torch_args[0], dropout_p=dropout_p,
+                                              is_causal=torch_args[1], scale=scale, enable_gqa=enable_gqa)
 
     if query.dtype != key.dtype or query.dtype != value.dtype:
         raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
@@ -238,5 +273,5 @@ def scaled_dot_product_attention(
 
     q4, k4, v4 = to4(query, hq, L, E), to4(key, hk, S, E), to4(value, hk, S, Ev)
     bias = None if attn_mask is None else _mask_4d(attn_mask, batch, bflat)
-    out = _sdpa_4d(q4, k4, v4, bias, is_causal, scale)
+    out = _sdpa_4d(q4, k4, v4, bias, is_causal, scale, lower_right=lower_right)
     return out.reshape(L, Ev) if unbatched else out.reshape(*batch, hq, L, Ev)

@@ -77,8 +77,9 @@ def _index(sel: Index, n: int, name: str, device) -> torch.Tensor:
         if not torch.compiler.is_compiling() and idx.numel() and bool(((idx < 0) | (idx >= n)).any()):
             raise ValueError(f"{name} holds an index out of range for size {n}")
         return idx
-    if isinstance(sel, bool):
-        raise TypeError(f"{name} must be an int, a slice, a sequence of ints or a 1-d integer tensor, got bool")
+    if isinstance(sel, bool) or not isinstance(sel, (int, Sequence)) or isinstance(sel, (str, bytes)):
+        raise TypeError(f"{name} must be an int, a slice, a sequence of ints or a 1-d integer tensor, got "
+                        f"{type(sel).__name__}")
     items = [sel] if isinstance(sel, int) else list(sel)
     out = []
     for x in items:
@@ -189,10 +190,14 @@ def attention_weights(
     bias = _fold_block_mask(bias, block_mask, q.device)
     if not isinstance(lse, torch.Tensor):
         raise TypeError(f"lse must be a torch.Tensor or None, got {type(lse).__name__}")
+    if not lse.is_floating_point():
+        raise TypeError(f"lse must be a floating-point tensor (float32 from attention(..., return_lse=True)), got {lse.dtype}")
     if tuple(lse.shape) != (B, Hq, Nq):
         raise ValueError(f"lse must have shape (B, Hq, Nq) = {(B, Hq, Nq)}, got {tuple(lse.shape)}")
     if lse.device != q.device:
         raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
+    if not torch.compiler.is_compiling() and bool(torch.isnan(lse).any() | (lse == math.inf).any()):
+        raise ValueError("lse must hold log-sum-exps (finite, or -inf for rows with no visible key); it has NaN or +inf")
     bias = _check_bias(bias, q, k)
     head_idx = _index(heads, Hq, "heads", q.device)
     row_idx = _index(rows, Nq, "rows", q.device)

@@ -16,6 +16,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def pytest_collection_modifyitems(config, items):
+    if "fuzz" not in (config.getoption("markexpr", "") or ""):
+        skip_fuzz = pytest.mark.skip(reason="large fuzz budget: run with `pytest -m fuzz`")
+        for item in items:
+            if "fuzz" in item.keywords and item.get_closest_marker("fuzz") is not None:
+                item.add_marker(skip_fuzz)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
