@@ -39,7 +39,7 @@ LN2 = 0.6931471805599453
 FWD_CONFIGS = {
     "sm90": {64: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
              128: [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
-             256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)]},
+             256: [(128, 32, 8, 2), (64, 32, 4, 2)]},
     "sm80": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
              128: [(64, 64, 8, 3), (128, 32, 8, 3), (32, 32, 4, 2)],
              256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
@@ -54,27 +54,29 @@ FWD_CONFIGS = {
 DQ_CONFIGS = {
     "sm90": {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
              128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
-             256: [(64, 32, 4, 1)]},
+             256: [(128, 32, 8, 1)]},
     "sm80": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
              128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
              256: [(16, 32, 4, 1)]},
     "mask": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
-             128: [(32, 32, 4, 2), (32, 16, 4, 1)],
+             128: [(64, 32, 4, 2), (32, 16, 4, 1)],
              256: [(32, 16, 4, 1)]},
     "fp32": {64: [(16, 16, 4, 1)],
              128: [(16, 16, 4, 1)],
              256: [(16, 16, 4, 1)]},
 }
-# dK/dV: BLOCK_N key rows per program (the M of all four MMAs: 64 per warpgroup on sm_90), BLOCK_M queries a step.
+# dK/dV: BLOCK_N key rows per program (the M of all four MMAs: 64 per warpgroup on sm_90), BLOCK_M queries a
+# step; an optional fifth entry is the boundary step (default min(BLOCK_M, 64)). d256 stays on mma.sync:
+# its dK + dV accumulators alone would take 256 registers a thread at 64 key rows per warpgroup.
 DKDV_CONFIGS = {
-    "sm90": {64: [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2)],
-             128: [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
-             256: [(32, 64, 4, 1)]},
+    "sm90": {64: [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
+             128: [(32, 128, 8, 2, 16), (16, 128, 8, 2)],
+             256: [(16, 16, 4, 1)]},
     "sm80": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
              128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
              256: [(16, 32, 4, 1)]},
-    "mask": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
-             128: [(32, 32, 4, 2), (32, 16, 4, 1)],
+    "mask": {64: [(32, 64, 4, 2), (32, 32, 4, 2)],
+             128: [(16, 64, 4, 2), (32, 32, 4, 2)],
              256: [(32, 16, 4, 1)]},
     "fp32": {64: [(16, 16, 4, 1)],
              128: [(16, 16, 4, 1)],
@@ -290,15 +292,6 @@ def _exp2_sub(b_s, m, qk_scale, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _signed(b_x, qk_scale):
-    """The score operand with the scale's sign folded in: kernels scale by |scale| (qk_scale >= 0 keeps
-    max(s) * qk_scale the row maximum of the scaled scores)."""
-    if qk_scale < 0:
-        b_x = -b_x
-    return b_x
-
-
-@triton.jit
 def _query_program(
     Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -370,7 +363,7 @@ def _attn_fwd(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    COUNT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    COUNT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):
     # program (query tile, batch * head, key split); the last query tiles (the heaviest under a causal
     # mask) start first. Split-KV decoding writes per-split partial (O, LSE) at split strides s_os / s_ls,
@@ -381,8 +374,8 @@ def _attn_fwd(
     i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q = _query_program(
         Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
         D, BLOCK_D, BLOCK_DV, BLOCK_M)
-    b_q = _signed(b_q, qk_scale)
-    qk_scale = tl.abs(qk_scale)
+    if NEG_SCALE:  # the scale's sign goes into q: interior steps need qk_scale >= 0 (max(s) * qk_scale)
+        b_q = -b_q
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -463,8 +456,6 @@ def _attn_bwd_dq(
     i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q = _query_program(
         Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
         D, BLOCK_D, BLOCK_DV, BLOCK_M)
-    b_q = _signed(b_q, qk_scale)
-    qk_scale = tl.abs(qk_scale)
     b_do = _load_tile(DO + i_b64 * s_dob + i_h.to(tl.int64) * s_doh, i_m * BLOCK_M, s_don, o_r, o_dv, Nq, DV,
                       True, DV < BLOCK_DV)  # [BM, BDV]
     b_lse = tl.load(LSE + i_bh.to(tl.int64) * Nq + o_m, mask=m_row, other=float("-inf"))
@@ -556,8 +547,6 @@ def _attn_bwd_dkdv(
                      True, D < BLOCK_D)  # [BN, BD]
     b_v = _load_tile(V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh, i_n * BLOCK_N, s_vn, o_r, o_dv, Nk, DV,
                      True, DV < BLOCK_DV)  # [BN, BDV]
-    b_k = _signed(b_k, qk_scale)
-    qk_scale = tl.abs(qk_scale)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     k0 = (i_n * BLOCK_N // BSK) * BSK
@@ -598,12 +587,12 @@ _TUNED = {}
 BOUNDARY_STEP = 64  # most rows (keys, or queries for dK/dV) a boundary (masked) step takes
 
 
-def _tiles(kernel_name: str, bm: int, bn: int) -> dict:
+def _tiles(kernel_name: str, bm: int, bn: int, bb: Optional[int] = None) -> dict:
     """Meta-parameters of one config: the program tile, the interior step and the boundary step
     ``BLOCK_B`` (the step axis is keys for the forward and dQ, queries for dK/dV; masked tiles hold more
     live registers, so wide steps are halved there)."""
     step = bm if kernel_name == "_attn_bwd_dkdv" else bn
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": min(step, BOUNDARY_STEP)}
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": min(step, bb or BOUNDARY_STEP)}
 
 
 def _kernel_name(kernel) -> str:
@@ -620,7 +609,8 @@ def _prune(kernel_name: str, configs, named_args, **kwargs):
     if kept:
         return kept
     c = configs[-1]
-    return [triton.Config(_tiles(kernel_name, min(c.kwargs["BLOCK_M"], bsq), min(c.kwargs["BLOCK_N"], bsk)),
+    return [triton.Config(_tiles(kernel_name, min(c.kwargs["BLOCK_M"], bsq), min(c.kwargs["BLOCK_N"], bsk),
+                                 c.kwargs["BLOCK_B"]),
                           num_warps=c.num_warps, num_stages=c.num_stages)]
 
 
@@ -672,8 +662,8 @@ def _call_family(q: torch.Tensor, bias_mode: int) -> Optional[str]:
 def _tuned(kernel, table, family: str, bucket: int):
     name = (_kernel_name(kernel), family, bucket)
     if name not in _TUNED:
-        configs = [triton.Config(_tiles(name[0], bm, bn), num_warps=w, num_stages=s)
-                   for bm, bn, w, s in table[family][bucket]]
+        configs = [triton.Config(_tiles(name[0], *c[:2], *c[4:]), num_warps=c[2], num_stages=c[3])
+                   for c in table[family][bucket]]
         _TUNED[name] = triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": functools.partial(_prune, name[0])})(kernel)
     return _TUNED[name]
 
@@ -789,10 +779,10 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
     args = (q, k, v, out, lse, bias_t, *sp[:5], sp[5], visits,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            *sb, *sl, Hq, Hq // Hkv, Nq, Nk, scale * LOG2E, left_, right_, split_keys, *split_strides,
+            *sb, *sl, Hq, Hq // Hkv, Nq, Nk, abs(scale) * LOG2E, left_, right_, split_keys, *split_strides,
             seqlen_bucket(Nq), seqlen_bucket(Nk))
     meta = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, WINDOWED=windowed, SPARSE=sparse is not None,
-                BIAS=bias_mode, BSQ=bsq, BSK=bsk, COUNT=count_visits, DOT_F32=dot_f32, PREC=prec,
+                BIAS=bias_mode, BSQ=bsq, BSK=bsk, COUNT=count_visits, DOT_F32=dot_f32, PREC=prec, NEG_SCALE=scale < 0,
                 TMA=_tma_ok((k, v), _call_family(q, bias_mode)))
     _launch(_attn_fwd, FWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq, splits), args, meta,
             max(BD, BDV), q.dtype, q.device)
@@ -850,7 +840,7 @@ _VARIANTS = {
     "sparse": dict(WINDOWED=False, SPARSE=True, BIAS=0, BSQ=128, BSK=128),
     "bias": dict(WINDOWED=True, SPARSE=False, BIAS=2, BSQ=1 << 30, BSK=1 << 30),
 }
-_FAMILY_VARIANTS = {"sm90": ("causal", "sparse"), "sm80": ("causal", "sparse"), "mask": ("bias",),
+_FAMILY_VARIANTS = {"sm90": ("dense", "causal", "sparse"), "sm80": ("causal", "sparse"), "mask": ("bias",),
                     "fp32": ("causal", "sparse", "bias")}
 _FAMILY_DTYPES = {"sm90": (torch.float16, torch.bfloat16), "sm80": (torch.float16, torch.bfloat16),
                   "mask": (torch.float16, torch.bfloat16), "fp32": (torch.float32,)}
@@ -889,18 +879,18 @@ def _aligned_args(sig: dict) -> Tuple[str, ...]:
 def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, int], variant: str,
               dtype: Optional[torch.dtype] = None) -> Optional[KernelSpec]:
     """The KernelSpec of one config of kernel ``tag`` (fwd / bwd_dq / bwd_dkdv) in a mask variant."""
-    bm, bn, w, s = config
+    bm, bn, w, s = config[:4]
     var = _VARIANTS[variant]
     if var["SPARSE"] and (bm > var["BSQ"] or bn > var["BSK"]):
         return None
     dtype = dtype or _FAMILY_DTYPES[family][-1 if variant == "sparse" else 0]
     kernel = _KERNELS[tag]
-    cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, **_tiles(kernel.__name__, bm, bn),
+    cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, **_tiles(kernel.__name__, bm, bn, *config[4:]),
               DOT_F32=False, PREC="tf32" if family == "fp32" else "ieee", TMA=family == "sm90", **var)
     if tag == "fwd":
-        cx["COUNT"] = False
+        cx.update(COUNT=False, NEG_SCALE=False)
     sig = _signature(kernel, dtype, cx)
-    name = f"attn_{tag}[{family},{variant},{str(dtype)[6:]},d{bucket}] BM{bm} BN{bn} w{w} s{s}"
+    name = f"attn_{tag}[{family},{variant},{str(dtype)[6:]},d{bucket}] BM{bm} BN{bn} BB{cx['BLOCK_B']} w{w} s{s}"
     # nominal MMA FLOPs of one iteration of the interior and of the boundary loop (program tile x step x
     # head dim x matmuls: fwd QK^T + PV; dQ QK^T, dO V^T, dS K; dK/dV all four)
     n_mm = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4}[tag]
