@@ -69,8 +69,8 @@ DQ_CONFIGS = {
 # step; an optional fifth entry is the boundary step (default min(BLOCK_M, 64)). d256 stays on mma.sync:
 # its dK + dV accumulators alone would take 256 registers a thread at 64 key rows per warpgroup.
 DKDV_CONFIGS = {
-    "sm90": {64: [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
-             128: [(32, 128, 8, 2, 16), (16, 128, 8, 2)],
+    "sm90": {64: [(64, 128, 8, 2)],
+             128: [(32, 128, 8, 2, 16)],
              256: [(16, 16, 4, 1)]},
     "sm80": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
              128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],

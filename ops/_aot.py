@@ -66,14 +66,14 @@ def _load_specs(module: str) -> list:
 def collect_specs(modules: Sequence[str], filt: Optional[str] = None,
                   first_per_module: bool = False) -> List[dict]:
     """One job per (spec, arch): ``{"module", "index", "name", "arch", "tags", ...}``. ``filt`` keeps jobs
-    whose ``module.name`` contains the substring; ``first_per_module`` keeps the first spec of each module."""
+    whose ``module.name`` contains the substring (or any of a list of substrings); ``first_per_module`` keeps the first spec of each module."""
     jobs = []
     for module in modules:
         specs = _load_specs(module)
         kept = 0
         for i, spec in enumerate(specs):
             full = f"{module.rsplit('.', 1)[-1]}.{spec.name}"
-            if filt and filt not in full:
+            if filt and not any(f in full for f in ([filt] if isinstance(filt, str) else filt)):
                 continue
             if first_per_module and kept >= 1:
                 break

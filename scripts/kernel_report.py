@@ -27,7 +27,8 @@ import time  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--filter", default=None, help="keep configs whose 'module.config' contains this substring")
+    p.add_argument("--filter", action="append", default=None,
+                   help="keep configs whose 'module.config' contains this substring; repeatable (any matches)")
     p.add_argument("--module", action="append", default=None,
                    help="only this kernels module (short name, e.g. 'utils'); repeatable")
     p.add_argument("--quick", action="store_true", help="first config of each module only")
