@@ -39,7 +39,7 @@ LN2 = 0.6931471805599453
 FWD_CONFIGS = {
     "sm90": {64: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
              128: [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
-             256: [(128, 32, 8, 2), (64, 32, 4, 2)]},
+             256: [(128, 32, 8, 2)]},
     "sm80": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
              128: [(64, 64, 8, 3), (128, 32, 8, 3), (32, 32, 4, 2)],
              256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
@@ -48,7 +48,7 @@ FWD_CONFIGS = {
              256: [(32, 16, 4, 1)]},
     "fp32": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
              128: [(32, 32, 4, 2), (16, 32, 4, 1)],
-             256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
+             256: [(16, 16, 4, 1)]},
 }
 # dQ: BLOCK_M query rows per program (the M of all three MMAs: 64 per warpgroup on sm_90), BLOCK_N keys a step.
 DQ_CONFIGS = {
@@ -74,13 +74,13 @@ DKDV_CONFIGS = {
              256: [(16, 16, 4, 1)]},
     "sm80": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
              128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
-             256: [(16, 32, 4, 1)]},
-    "mask": {64: [(32, 64, 4, 2), (32, 32, 4, 2)],
-             128: [(16, 64, 4, 2), (32, 32, 4, 2)],
+             256: [(16, 16, 4, 1)]},
+    "mask": {64: [(32, 32, 4, 2)],
+             128: [(32, 32, 4, 2)],
              256: [(32, 16, 4, 1)]},
     "fp32": {64: [(16, 16, 4, 1)],
              128: [(16, 16, 4, 1)],
-             256: [(16, 16, 4, 1)]},
+             256: [(16, 16, 8, 1)]},
 }
 INTERPRET_CONFIG = (32, 32, 4, 1)
 
@@ -108,12 +108,12 @@ def _mask_scores(
         m_ok = (i_k >= i_q + (Nk - Nq - left)) & (i_k <= tl.minimum(i_q + (Nk - Nq + right), Nk - 1))
     else:
         m_ok = (i_k < Nk) & (i_q >= 0)
-    if SPARSE or BIAS != 0:
-        m_in = (i_q < Nq) & (i_k < Nk)  # element loads stay inside the mask's extent
-    if SPARSE:
-        m_em = m_in & ((i_q * 0 + i_mid) >= 0)  # (broadcast explicitly: the interpreter rejects scalar & tile)
+    if SPARSE:  # a step lies inside its block: the stored (BSQ, BSK) element mask needs no bounds
+        m_em = (i_q * 0 + i_k * 0 + i_mid) >= 0  # (broadcast explicitly: the interpreter rejects scalar masks)
         b_em = tl.load(p_emask + (i_q - q0) * BSK + (i_k - k0), mask=m_em, other=1)
         m_ok = m_ok & (b_em != 0)
+    if BIAS != 0:
+        m_in = (i_q < Nq) & (i_k < Nk)  # bias loads stay inside the tensor's extent
     if BIAS == 1:
         b_bm = tl.load(p_bias + i_q.to(tl.int64) * sb_m + i_k * sb_n, mask=m_in, other=0)
         m_ok = m_ok & (b_bm != 0)

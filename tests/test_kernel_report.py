@@ -115,3 +115,68 @@ def test_every_shipped_config_compiles_without_spills(module):
     assert doc["rows"], f"{module}: aot_specs() returned nothing"
     assert not doc["failures"], f"{module}: {len(doc['failures'])} problems:\n" + "\n".join(doc["failures"])
     assert rc == 0
+
+
+SASS_SNIPPET = """
+        /*0100*/                   MOV R2, RZ ;
+        /*0110*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT ;
+        /*0120*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0130*/                   FMNMX R3, R24, R25, !PT ;
+        /*0140*/                   FFMA R4, R24, UR4, -R3 ;
+        /*0150*/                   MUFU.EX2 R4, R4 ;
+        /*0160*/                   FSEL R5, R4, RZ, P0 ;
+        /*0170*/                   IADD3 R6, R6, 0x1, RZ ;
+        /*0180*/                   UTMALDG.2D [UR8], [UR10] ;
+        /*0190*/               @P1 BRA 0x110 ;
+        /*01a0*/                   EXIT ;
+"""
+
+
+def test_sass_loop_study_parses_a_listing():
+    """The static study finds the loop (backward branch with an MMA), classifies its instructions, and
+    turns its MMA shapes into issued FLOPs and model ratios."""
+    from tileattn._sass import H100_MODEL, analyse, category
+
+    assert category("HGMMA.64x128x16.F32.BF16") == "mma" and category("LDGSTS.E.BYPASS.128") == "ldgsts"
+    (lp,) = analyse(SASS_SNIPPET, num_warps=8, nominal_flops=2 * 2 * 64 * 128 * 16)
+    assert lp["instructions"] == 9 and lp["tensor_cores"] == "wgmma"
+    c = lp["counts"]
+    assert (c["mma"], c["mufu_ex2"], c["fp32"], c["select"], c["int"], c["tma"], c["barrier"]) == (1, 1, 2, 1, 1, 1, 1)
+    assert lp["wgmma_waits"] == [0] and lp["waits_depth0"]
+    assert lp["issued_flops"] == 2 * 64 * 128 * 16 * 2 and lp["replication"] == 1.0  # 2 warpgroups
+    mma_clk = lp["issued_flops"] / H100_MODEL["wgmma_flops_per_clk"]
+    assert abs(lp["issue_over_mma"] - 9 * 8 / H100_MODEL["issue_per_clk"] / mma_clk) < 1e-9
+
+
+D128 = {  # shipped sm_90 bf16/fp16 d128 configs: (report filter, kernel)
+    "fwd-dense": "attn_fwd[sm90,dense,float16,d128] BM128 BN128",
+    "fwd-causal": "attn_fwd[sm90,causal,float16,d128] BM128 BN128",
+    "dq-causal": "attn_bwd_dq[sm90,causal,float16,d128] BM128 BN64",
+    "dkdv-causal": "attn_bwd_dkdv[sm90,causal,float16,d128] BM32 BN128",
+}
+
+
+def test_sass_report_sm90_d128():
+    """Issue-10 static targets (predictions from SASS, sm_90, d128): the forward's interior loop at a
+    128-key tile issues <= 0.55 of its MMA time; causal interior tiles run the same unmasked loop as
+    non-causal; dQ / dK-dV interior loops use wgmma with issue/MMA <= 0.75; no loop replicates MMA work;
+    everything spill-free."""
+    args = []
+    for f in D128.values():
+        args += ["--filter", f]
+    rc, doc = _report("--sass", "--module", "attention", *args)
+    rows = {k: [r for r in doc["rows"] if v in r["name"]] for k, v in D128.items()}
+    assert all(len(v) == 1 for v in rows.values()), {k: len(v) for k, v in rows.items()}
+    rows = {k: v[0] for k, v in rows.items()}
+    for k, r in rows.items():
+        assert r["error"] is None and not r["spills"], (k, r)
+        assert len(r["loops"]) == 2, (k, "expected an interior and a boundary loop")
+        for lp in r["loops"]:
+            assert lp["tensor_cores"] == "wgmma" and abs(lp["replication"] - 1.0) < 1e-9, (k, lp)
+    dense, causal = rows["fwd-dense"]["loops"][0], rows["fwd-causal"]["loops"][0]
+    assert dense["issue_over_mma"] <= 0.55, dense
+    for cat in ("mma", "mufu_ex2", "fp32", "select"):
+        assert dense["counts"][cat] == causal["counts"][cat], (cat, dense["counts"], causal["counts"])
+    assert abs(dense["instructions"] - causal["instructions"]) <= 0.03 * dense["instructions"]
+    for k in ("dq-causal", "dkdv-causal"):
+        assert rows[k]["loops"][0]["issue_over_mma"] <= 0.75, (k, rows[k]["loops"][0])
