@@ -4,10 +4,11 @@
     python scripts/session_env.py [--check] [--out FILE]
 
 Prints device, NVIDIA driver, torch, Triton, CUDA and Python versions (also to ``--out``). ``--check``
-instead imports tileattn and runs the fused attention forward + backward once at a tiny size (B=1, H=2, N=129,
-D=32, fp16, causal) through the benchmark's correctness gate (float64 reference, the tests' tolerance rule),
-plus one lightning-attention call; it fails unless both pass and launched Triton kernels. Without CUDA it
-switches the Triton interpreter on first (TRITON_INTERPRET=1, before Triton is imported), so the check runs on a CPU machine too.
+instead imports tileattn and runs the fused attention forward + backward once at a tiny size (B=1, H=2,
+N=129, D=32, fp16, causal) through the benchmark's correctness gate (float64 reference, the tests'
+tolerance rule), plus one lightning-attention call; it fails unless both pass and launched Triton kernels.
+Without CUDA it switches the Triton interpreter on first (TRITON_INTERPRET=1, before Triton is imported),
+so the check runs on a CPU machine too.
 """
 from __future__ import annotations
 
