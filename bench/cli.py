@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/out)")
     p.add_argument("--append", action="store_true",
                    help="keep rows of an earlier run in --out (new measurements replace equal configs)")
+    p.add_argument("--resume", action="store_true",
+                   help="like --append, but configs that already have a row in --out are not measured again "
+                        "(continue a sweep cut off by a time limit)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--save-results", action="store_true",
@@ -224,9 +227,9 @@ def run_sweep(args, quick: bool, out: str) -> List[dict]:
     if args.cpu_timing:
         tasks = [t for t in tasks if providers[t[1]].cpu_ok]
     rows: List[dict] = []
-    if args.append and os.path.exists(os.path.join(out, "results.json")):
+    if (args.append or args.resume) and os.path.exists(os.path.join(out, "results.json")):
         rows, _ = load_rows(os.path.join(out, "results.json"))
-        print(f"appending to {len(rows)} earlier rows in {out}/results.json")
+        print(f"{'resuming' if args.resume else 'appending to'} {len(rows)} earlier rows in {out}/results.json")
     notes: Dict[str, str] = {}
     for name, p in providers.items():
         if any(t[1] == name for t in tasks):
@@ -243,6 +246,7 @@ def run_sweep(args, quick: bool, out: str) -> List[dict]:
     total = len(tasks)
     t0 = time.perf_counter()
     index = {row_key(r): i for i, r in enumerate(rows)}
+    done = set(index) if args.resume else set()
     try:
         last_mask = None
         for i, (sweep, pname, case) in enumerate(tasks, 1):
@@ -253,7 +257,7 @@ def run_sweep(args, quick: bool, out: str) -> List[dict]:
                 last_mask = (case.N, case.mask)
             row = M.base_row(series_name(pname, sweep, case.op), case, sweep)
             row["provider_id"] = pname
-            if pname in notes:
+            if pname in notes or row_key(row) in done:
                 continue
             if case.op == "sparse":
                 try:

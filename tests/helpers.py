@@ -11,6 +11,8 @@ ON_GPU = DEVICE == "cuda"
 
 # Small absolute floor added to the flash-attention rule (2x the same-dtype PyTorch error).
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+# fp32 inputs run TF32 tensor-core dots on GPU (documented), so their floor there is TF32's, not fp32's.
+TF32_FLOOR = 5e-3
 
 
 def randn(*shape, dtype=torch.float16, device=DEVICE, requires_grad=False, layout="bhnd"):
@@ -77,30 +79,41 @@ def poison_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def run_case(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, *, causal=False, window=None, layout="bhnd", scale=None,
-             device=DEVICE, check_grad=True, block_mask=None):
+             device=DEVICE, check_grad=True, block_mask=None, bias=None, floor=None):
     """Run ``tileattn.attention`` forward + backward on fresh random inputs and check out, LSE, dq, dk, dv
-    against the float64 reference with the flash-attention rule (baseline: same-dtype PyTorch)."""
+    against the float64 reference with the flash-attention rule (baseline: same-dtype PyTorch); ``floor``
+    overrides the dtype's absolute floor (e.g. TF32_FLOOR for fp32 on GPU). ``bias``: a bool (True = attend)
+    or float (added to the scaled scores) tensor broadcastable to (B, Hq, Nq, Nk), through the internal
+    ``_attention`` entry point the SDPA drop-in uses."""
     import tileattn
+    from tileattn.attention import _attention
     from tileattn.reference import attention_ref
 
     q = randn(B, Hq, Nq, D, dtype=dtype, device=device, layout=layout, requires_grad=True)
     k = randn(B, Hkv, Nk, D, dtype=dtype, device=device, layout=layout, requires_grad=True)
     v = randn(B, Hkv, Nk, Dv, dtype=dtype, device=device, layout=layout, requires_grad=True)
-    out, lse = tileattn.attention(q, k, v, causal=causal, window=window, scale=scale, block_mask=block_mask,
-                                  return_lse=True)
+    extra = {} if bias is None else {"bias": bias}
+    out, lse = (_attention if bias is not None else tileattn.attention)(
+        q, k, v, causal=causal, window=window, scale=scale, block_mask=block_mask, return_lse=True, **extra)
     mask = None if block_mask is None else block_mask.to_dense()
+    ref_bias = None
+    if bias is not None and bias.dtype == torch.bool:
+        mask = bias if mask is None else mask & bias
+    elif bias is not None:
+        ref_bias = bias
     assert out.dtype == dtype and out.shape == (B, Hq, Nq, Dv)
     assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Nq)
 
     refs = {}
     for name, upcast in (("64", True), ("lp", False)):
         qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        o, l = attention_ref(qq, kk, vv, causal=causal, window=window, mask=mask, scale=scale, upcast=upcast)
+        o, l = attention_ref(qq, kk, vv, causal=causal, window=window, mask=mask, bias=ref_bias, scale=scale,
+                             upcast=upcast)
         refs[name] = (qq, kk, vv, o, l)
     q64, k64, v64, o64, l64 = refs["64"]
     qlp, klp, vlp, olp, llp = refs["lp"]
-    assert_close("out", out, o64, olp, dtype=dtype)
-    assert_close("lse", lse, l64, llp, dtype=dtype)
+    assert_close("out", out, o64, olp, dtype=dtype, floor=floor)
+    assert_close("lse", lse, l64, llp, dtype=dtype, floor=floor)
     if not check_grad:
         return out, lse
     do = torch.randn_like(out)
@@ -112,5 +125,5 @@ def run_case(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, *, causal=False, window=None, lay
         if r64.grad.norm() == 0:  # e.g. a single visible key: softmax is constant
             assert ours.grad.float().abs().max() < 1e-2, name
         else:
-            assert_close(name, ours.grad, r64.grad, rlp.grad, dtype=dtype)
+            assert_close(name, ours.grad, r64.grad, rlp.grad, dtype=dtype, floor=floor)
     return out, lse

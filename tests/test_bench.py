@@ -109,3 +109,20 @@ def test_readme_table_ratios():
     assert "300–300" in line and "1.20×" in line and "(cudnn)" in line and "2.00×" in line
     assert "NVIDIA H100" in md and "4·B·H·N²·D" in md
     assert "No timed measurements" in render_summary([dict(base, N=1024, provider="tileattn", status="skip")])
+
+
+def test_resume_measures_only_missing_configs(tmp_path, capsys):
+    """--resume (what scripts/gpu_session.sh passes, so a stage cut off by its time limit continues when run
+    again): rows already in --out are kept as they are and only the missing configs are measured."""
+    from bench.cli import build_parser, load_rows, run_sweep
+
+    base = ["--cpu-timing", "--ops", "softmax", "--lengths", "32", "--head-dims", "16", "--causal", "false",
+            "--rep", "1", "--warmup", "1", "--providers", "naive", "--out", str(tmp_path)]
+    first = run_sweep(build_parser().parse_args(base + ["--modes", "fwd"]), False, str(tmp_path))
+    assert [(r["mode"], r["status"]) for r in first] == [("fwd", "ok")]
+    args = build_parser().parse_args(base + ["--modes", "fwd,bwd", "--resume"])
+    rows = run_sweep(args, False, str(tmp_path))
+    assert "resuming 1 earlier rows" in capsys.readouterr().out
+    assert sorted(r["mode"] for r in rows) == ["bwd", "fwd"]
+    assert [r for r in rows if r["mode"] == "fwd"] == first  # not measured again
+    assert load_rows(str(tmp_path / "results.json"))[0] == rows

@@ -10,12 +10,12 @@ from tileattn import reference
 from tileattn.lightning import LightningAttention, _lightning_attention, lightning_attention
 from tileattn.lightning import lightning_decay_rates, lightning_decode
 from tileattn.kernels import lightning as klightning
-from helpers import DEVICE, ON_GPU, assert_close, randn, rel_err
+from helpers import DEVICE, ON_GPU, TF32_FLOOR, assert_close, randn, rel_err
 
 H = 2
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # on GPU fp32 inputs run TF32 dots (documented); the interpreter computes them in fp32
-FP32_FLOOR = 5e-3 if ON_GPU else None
+FP32_FLOOR = TF32_FLOOR if ON_GPU else None
 
 
 def _floor(dtype):
