@@ -743,7 +743,7 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
                       count_visits: bool = False, num_splits: Optional[int] = None):
     """Launch the forward. q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), any strides with a
     unit last dim. Returns out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32 and, with
-    ``count_visits``, the (B*Hq, n_query_tiles) int32 count of key tiles each program visited.
+    ``count_visits``, the (B*Hq, n_query_tiles, 2) int32 count of (interior, boundary) steps each program ran.
     ``num_splits`` > 1 splits the keys into that many ranges run by separate programs (split-KV
     decoding), combined afterwards; None picks it automatically (only on CUDA, for short queries)."""
     B, Hq, Nq, D = q.shape
