@@ -382,10 +382,15 @@ class Plan(NamedTuple):
 def plan(D: int, DV: int, dtype: torch.dtype, block_size: Optional[int] = None) -> Plan:
     """Tile sizes for head dims (D, Dv) and an input dtype; ``block_size`` overrides the chunk length.
 
-    bf16: state tiles up to 8192 fp32 elements, chunk 64 for padded head dims <= 64, else 32.
-    fp16 (scaled state dots): state tiles up to 4096 elements, chunk 32 for head dims <= 128, else 16.
+    bf16: state tiles up to 8192 fp32 elements, chunk 64 for padded head dims <= 64, else 32; the fwd / dv
+    slice ``BV`` is at most 32 for padded D >= 128.
+    fp16 (scaled state dots): state tiles up to 4096 elements, chunk 32 for head dims <= 128, else 16; the
+    fwd / dv tile ``[BD, BV]`` is at most 2048 elements at chunk >= 32.
     fp32 (TF32 dots): state tiles up to 2048 elements, chunk 32 for head dims <= 128, else 16.
-    8 warps, 2 stages. Every default config compiles for sm_80 / sm_90 without spills (see aot_specs)."""
+    8 warps, 2 stages. Every default config compiles for sm_80 / sm_90 without spills under Triton 3.6 and
+    3.9 (see aot_specs): Triton 3.6 (ptxas 12.8) spills the fwd / dv kernels at bf16 [BD, BV] = [128, 64]
+    and fp16 [64, 64] / [128, 32] with chunk 32, hence the narrower fwd / dv slices there (more programs;
+    the dq / dk slices keep the full cap)."""
     BD, BDV = next_pow2(D), next_pow2(DV)
     wide = max(BD, BDV)
     if dtype == torch.float32:
@@ -398,7 +403,10 @@ def plan(D: int, DV: int, dtype: torch.dtype, block_size: Optional[int] = None) 
         if block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES} (or None for the default), got {block_size}")
         BT = int(block_size)
-    BV = min(BDV, 64, max(16, cap // BD))
+    vcap = cap // 2 if dtype == torch.float16 and BT >= 32 else cap  # fwd / dv tile [BD, BV]
+    BV = min(BDV, 64, max(16, vcap // BD))
+    if dtype == torch.bfloat16 and BD >= 128:
+        BV = min(BV, 32)
     BK = min(BD, 64, max(16, cap // BDV))
     DEC_BV = min(BDV, max(16, 4096 // BD))
     prec = "tf32"  # fp32 inputs: TF32 tensor cores (fp32 accumulate); ignored for 16-bit operands
