@@ -6,7 +6,8 @@ Checks that ``import triton`` in this process (and so in the report's spawned wo
 PYTHONPATH) is the pinned version and prints it, runs the report (its table goes to the log), then compares
 its failures with KNOWN_FILE: one ``module.config [arch]`` per line (``#`` comments), spills the pinned
 Triton is known to produce. Exit 1 on any compile error, shared-memory overflow or spill not in the list,
-and on a listed config that was compiled and no longer fails (delete its line: the list only shrinks). An empty or missing
+and on a listed config that was compiled and no longer fails (delete its line: the list only shrinks). A listed
+config may spill only outside its main loops (see ``tileattn._sass.spills_in_loops``). An empty or missing
 list means zero problems are allowed.
 """
 import json
@@ -55,8 +56,10 @@ def main(argv) -> int:
     for msg in doc["failures"]:
         where, why = msg.split(": ", 1)
         failing.setdefault(where, []).append(why)
+    # a listed config may spill only outside its main loops (loop-invariant values around the loops,
+    # reloaded once per program / outer step): a spill inside a main loop costs every iteration
     unexpected = [f"{w}: {why}" for w, whys in failing.items() for why in whys
-                  if w not in known or not why.startswith("spills")]
+                  if w not in known or not why.startswith("spills") or not why.endswith(", 0 inside main loops)")]
     compiled = {f"{r.get('module')}.{r.get('name')} [{r.get('arch')}]" for r in doc["rows"]}
     stale = sorted((known & compiled) - set(failing))  # a --filter / --module run checks only its configs
     for w in sorted(set(failing) & known):

@@ -219,6 +219,10 @@ def compile_spec(spec, arch: int, sass: bool = False) -> dict:
             row["spills"] = bool(row["stack"] or row["local"])
             listing = _sass(kernel.asm["cubin"], tmp) if (sass or row["spills"]) else None
             row["spill_instr"] = _spill_instructions(listing) if row["spills"] else 0
+            if row["spills"] and listing is not None:
+                from tileattn._sass import spills_in_loops
+
+                row["spill_instr_in_loops"] = spills_in_loops(listing)
             if sass and listing is not None:
                 from tileattn._sass import analyse
 
@@ -296,7 +300,7 @@ def failures(rows: Sequence[dict]) -> List[str]:
             out.append(f"{where}: {r['error']}")
         if r.get("spills"):
             out.append(f"{where}: spills ({r.get('stack')} B stack, {r.get('local')} B local, "
-                       f"{r.get('spill_instr')} STL/LDL)")
+                       f"{r.get('spill_instr')} STL/LDL, {r.get('spill_instr_in_loops')} inside main loops)")
         if r.get("smem_over"):
             out.append(f"{where}: shared memory {r.get('shared')} B > limit {r.get('shared_limit')} B")
     return out

@@ -115,6 +115,15 @@ def loops(instrs: List[dict]) -> List[tuple]:
     return sorted(set(inner))
 
 
+def spills_in_loops(sass: str) -> int:
+    """Number of local-memory (spill) loads / stores inside a main loop: the spills that cost every
+    iteration (spills outside the loops run once per program or per outer step)."""
+    instrs = parse(sass)
+    spans = loops(instrs)
+    return sum(1 for i, x in enumerate(instrs) if x["op"].startswith(("STL", "LDL"))
+               and any(a <= i <= b for a, b in spans))
+
+
 def loop_stats(instrs: List[dict], span: tuple, num_warps: int, nominal_flops: Optional[float] = None,
                model: Dict[str, float] = H100_MODEL) -> dict:
     """Per-iteration mix of one loop and the model's ratios (see the module docstring)."""
