@@ -16,7 +16,6 @@ is stored in natural log. Rows that see no key give out = 0, lse = -inf, and zer
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -24,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import KernelSpec, alloc, interpreter_enabled, next_pow2, ptr_type, row_dot, seqlen_bucket
+from .utils import (KernelSpec, alloc, interpreter_enabled, next_pow2, on_tensor_device, ptr_type, row_dot,
+                    seqlen_bucket)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -116,10 +116,11 @@ def _mask_scores(
     if BIAS != 0:
         m_in = (i_q < Nq) & (i_k < Nk)  # bias loads stay inside the tensor's extent
     if BIAS == 1:
-        b_bm = tl.load(p_bias + i_q.to(tl.int64) * sb_m + i_k * sb_n, mask=m_in, other=0)
+        b_bm = tl.load(p_bias + i_q.to(tl.int64) * sb_m + i_k.to(tl.int64) * sb_n, mask=m_in, other=0)
         m_ok = m_ok & (b_bm != 0)
     if BIAS == 2:
-        b_bias = tl.load(p_bias + i_q.to(tl.int64) * sb_m + i_k * sb_n, mask=m_in, other=0.0).to(tl.float32)
+        b_bias = tl.load(p_bias + i_q.to(tl.int64) * sb_m + i_k.to(tl.int64) * sb_n, mask=m_in,
+                         other=0.0).to(tl.float32)
         s = s + b_bias * 1.4426950408889634
     return tl.where(m_ok, s, float("-inf"))
 
@@ -369,7 +370,10 @@ def _attn_fwd(
     # program (query tile, batch * head, key split); the last query tiles (the heaviest under a causal
     # mask) start first. Split-KV decoding writes per-split partial (O, LSE) at split strides s_os / s_ls,
     # combined by the launcher.
-    i_m, i_bh, i_sp = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # grid (query tile, head, batch * key split): heads and batches on axes 1 / 2 (each < 65536)
+    n_sp = tl.cdiv(Nk, split_keys)
+    i_m, i_sp = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(2) % n_sp
+    i_bh = (tl.program_id(2) // n_sp) * H + tl.program_id(1)
     O += i_sp.to(tl.int64) * s_os
     LSE += i_sp.to(tl.int64) * s_ls
     i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q = _query_program(
@@ -453,7 +457,7 @@ def _attn_bwd_dq(
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
-    i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(2) * H + tl.program_id(1)
     i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q = _query_program(
         Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
         D, BLOCK_D, BLOCK_DV, BLOCK_M)
@@ -529,14 +533,17 @@ def _attn_bwd_dkdv(
     sb_b, sb_h, sb_m, sb_n,
     sn_b, sn_h, si_b, si_h, si_m,
     H, G, Nq, Nk, qk_scale, scale, left, right,
-    N_BUCKET_Q, N_BUCKET_K,
+    N_BUCKET_Q, N_BUCKET_K, n_bhk,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
-    i_n, i_bhk = tl.program_id(0), tl.program_id(1)
+    # grid (key tile, Y, Z), (batch, kv head) = Y * pid(2) + pid(1); programs past the end (only when
+    # B * Hkv > 65535) redo the last one and store the same values
+    i_n = tl.program_id(0)
     Hkv = H // G
+    i_bhk = tl.minimum(tl.program_id(2) * tl.num_programs(1) + tl.program_id(1), n_bhk - 1)
     i_b, i_hk = i_bhk // Hkv, i_bhk % Hkv
     o_r = tl.arange(0, BLOCK_N)
     o_n = i_n * BLOCK_N + o_r
@@ -600,12 +607,9 @@ def _kernel_name(kernel) -> str:
     return kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__
 
 
-def _prune(kernel_name: str, configs, named_args, **kwargs):
-    """Keep configs whose tiles fit inside the block-sparse block sizes (BSQ / BSK); shrink otherwise."""
-    args = {**named_args, **kwargs}
-    bsq, bsk = args.get("BSQ", 1 << 30), args.get("BSK", 1 << 30)
-    if not args.get("SPARSE", False):
-        return configs
+def _prune(kernel_name: str, configs, bsq: int, bsk: int):
+    """Configs whose tiles fit inside the block-sparse block sizes (BSQ / BSK); the last one shrunk if none
+    does. Applied before the autotuner is built: Triton never prunes a single-config list."""
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bsq and c.kwargs["BLOCK_N"] <= bsk]
     if kept:
         return kept
@@ -626,13 +630,15 @@ TMA_MODE = "auto"
 def _tma_ok(tensors, family: Optional[str]) -> bool:
     """Whether the interior loads of this call may use tensor descriptors (see TMA_MODE)."""
     if TMA_MODE != "auto":
+        if TMA_MODE == "on" and not interpreter_enabled():
+            _ensure_allocator()
         return TMA_MODE == "on"
     if interpreter_enabled() or family != "sm90" or not hasattr(tl, "make_tensor_descriptor"):
         return False
     for t in tensors:
         es = t.element_size()
-        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
-            return False
+        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]) or t.stride(-2) < t.shape[-1]:
+            return False  # rows must be 16-byte aligned and must not overlap (no zero / broadcast row stride)
     _ensure_allocator()
     return True
 
@@ -648,24 +654,31 @@ def _ensure_allocator() -> None:
 
 def _family(dtype: torch.dtype, device: torch.device, bias_mode: int) -> str:
     """Config family: fp32 inputs (FMA / tf32 dots), 16-bit with a mask tensor (its tile loads need
-    smaller tiles), or 16-bit on sm_90+ / earlier GPUs."""
+    smaller tiles), or 16-bit on sm_90 (wgmma tiles) / other GPUs (the sm_80 tables, also for newer
+    architectures, whose tiles the resource report does not check)."""
     if dtype == torch.float32:
         return "fp32"
     if bias_mode:
         return "mask"
-    return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
+    return "sm90" if torch.cuda.get_device_capability(device)[0] == 9 else "sm80"
 
 
 def _call_family(q: torch.Tensor, bias_mode: int) -> Optional[str]:
     return None if interpreter_enabled() else _family(q.dtype, q.device, bias_mode)
 
 
-def _tuned(kernel, table, family: str, bucket: int):
-    name = (_kernel_name(kernel), family, bucket)
+def configs_for(kernel_name: str, table, family: str, bucket: int, bsq: int = 1 << 30, bsk: int = 1 << 30):
+    """The autotuner's configs of one kernel for a family, head-dim bucket and block-sparse block size
+    (``bsq`` / ``bsk``; dense calls pass the defaults)."""
+    configs = [triton.Config(_tiles(kernel_name, *c[:2], *c[4:]), num_warps=c[2], num_stages=c[3])
+               for c in table[family][bucket]]
+    return _prune(kernel_name, configs, bsq, bsk)
+
+
+def _tuned(kernel, table, family: str, bucket: int, bsq: int, bsk: int):
+    name = (_kernel_name(kernel), family, bucket, bsq, bsk)
     if name not in _TUNED:
-        configs = [triton.Config(_tiles(name[0], *c[:2], *c[4:]), num_warps=c[2], num_stages=c[3])
-                   for c in table[family][bucket]]
-        _TUNED[name] = triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": functools.partial(_prune, name[0])})(kernel)
+        _TUNED[name] = triton.autotune(configs=configs_for(*name[:1], table, *name[1:]), key=_KEY)(kernel)
     return _TUNED[name]
 
 
@@ -675,8 +688,9 @@ def _launch(kernel, table, grid_fn, args, meta, bd: int, dtype: torch.dtype, dev
         bm, bn, w, s = INTERPRET_CONFIG
         tiles = _tiles(_kernel_name(kernel), min(bm, meta["BSQ"]), min(bn, meta["BSK"]))
         kernel[grid_fn(tiles)](*args, **meta, **tiles)
-    else:
-        _tuned(kernel, table, _family(dtype, device, meta["BIAS"]), _dim_bucket(bd))[grid_fn](*args, **meta)
+        return
+    _tuned(kernel, table, _family(dtype, device, meta["BIAS"]), _dim_bucket(bd), meta["BSQ"],
+           meta["BSK"])[grid_fn](*args, **meta)
 
 
 def _dot_options(dtype: torch.dtype):
@@ -717,6 +731,14 @@ def _window_args(left: int, right: int, nq: int, nk: int):
 SPLIT_ALIGN = 128  # key splits are multiples of every BLOCK_N
 
 
+_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (heads, batch)
+
+
+def _check_grid(B: int, H: int) -> None:
+    if B > _GRID_YZ or H > _GRID_YZ:
+        raise ValueError(f"batch and head counts must be at most {_GRID_YZ} (CUDA grid limit), got B={B}, H={H}")
+
+
 def _auto_splits(B: int, Hq: int, Nq: int, Nk: int, device: torch.device) -> int:
     """Split-KV (flash-decoding) for short queries over long keys, when the (query tile x head) grid
     alone would leave most SMs idle. The number of splits is a heuristic, not a measured optimum."""
@@ -739,6 +761,7 @@ def _combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.d
     return out.to(dtype), lse
 
 
+@on_tensor_device
 def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
                       bias: Optional[torch.Tensor] = None, sparse: Optional[Sequence[torch.Tensor]] = None,
                       count_visits: bool = False, num_splits: Optional[int] = None):
@@ -749,7 +772,9 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
     decoding), combined afterwards; None picks it automatically (only on CUDA, for short queries)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    _check_grid(B, Hq)
     splits = _auto_splits(B, Hq, Nq, Nk, q.device) if num_splits is None else int(num_splits)
+    splits = min(splits, _GRID_YZ // B)  # batch x splits share grid axis 2
     split_keys = 1 << 30
     if splits > 1 and sparse is None and not count_visits:
         split_keys = triton.cdiv(triton.cdiv(Nk, splits), SPLIT_ALIGN) * SPLIT_ALIGN
@@ -785,13 +810,14 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
     meta = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, WINDOWED=windowed, SPARSE=sparse is not None,
                 BIAS=bias_mode, BSQ=bsq, BSK=bsk, COUNT=count_visits, DOT_F32=dot_f32, PREC=prec, NEG_SCALE=scale < 0,
                 TMA=_tma_ok((k, v), _call_family(q, bias_mode)))
-    _launch(_attn_fwd, FWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq, splits), args, meta,
+    _launch(_attn_fwd, FWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), Hq, B * splits), args, meta,
             max(BD, BDV), q.dtype, q.device)
     if splits > 1:
         out, lse = _combine_splits(o_part, lse_part, q.dtype)
     return (out, lse, visits) if count_visits else (out, lse)
 
 
+@on_tensor_device
 def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, right: int = -1,
                        bias: Optional[torch.Tensor] = None, sparse: Optional[Sequence[torch.Tensor]] = None,
                        dlse: Optional[torch.Tensor] = None):
@@ -799,6 +825,7 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, r
     deterministic). Returns dq, dk, dv shaped and typed like q, k, v."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    _check_grid(B, Hq)
     delta = row_dot(out, do)
     if dlse is not None:
         delta = delta - dlse.float()
@@ -818,13 +845,16 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, r
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), *sb, *sl, *common)
-    _launch(_attn_bwd_dq, DQ_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq), args, meta, max(BD, BDV), q.dtype, q.device)
+    _launch(_attn_bwd_dq, DQ_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), Hq, B), args, meta, max(BD, BDV), q.dtype, q.device)
     sp, sl, _, _ = _sparse_args(sparse, B, Hq, True, q)
     args = (q, k, v, do, dk, dv, lse, delta, bias_t, *sp,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *sb, *sl, *common)
-    _launch(_attn_bwd_dkdv, DKDV_CONFIGS, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * Hkv), args, meta, max(BD, BDV), q.dtype, q.device)
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *sb, *sl, *common,
+            B * Hkv)
+    ny = min(B * Hkv, _GRID_YZ)
+    _launch(_attn_bwd_dkdv, DKDV_CONFIGS, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), ny, triton.cdiv(B * Hkv, ny)),
+            args, meta, max(BD, BDV), q.dtype, q.device)
     return dq, dk, dv
 
 

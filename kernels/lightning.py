@@ -20,17 +20,19 @@ state is scaled by a power of two before its dots (``_state_mm``) so it cannot o
 Kernels (each program owns one (batch, head) and loops over the chunks sequentially, so the work is
 ``B * H * cdiv(N, BT)`` chunk steps: linear in N):
 
-- ``_lightning_fwd_kernel``   grid (cdiv(Dv, BV), B*H): output slice [:, BV] with the state slice [D, BV].
-- ``_lightning_bwd_dq_kernel`` grid (cdiv(D, BK), B*H): forward sweep, dq slice [:, BK], state [BK, Dv].
-- ``_lightning_bwd_dk_kernel`` grid (cdiv(D, BK), B*H): reverse sweep, dk slice [:, BK], dstate [BK, Dv].
-- ``_lightning_bwd_dv_kernel`` grid (cdiv(Dv, BV), B*H): reverse sweep, dv slice [:, BV], dstate [D, BV],
+- ``_lightning_fwd_kernel``   grid (cdiv(Dv, BV), H, B): output slice [:, BV] with the state slice [D, BV].
+- ``_lightning_bwd_dq_kernel`` grid (cdiv(D, BK), H, B): forward sweep, dq slice [:, BK], state [BK, Dv].
+- ``_lightning_bwd_dk_kernel`` grid (cdiv(D, BK), H, B): reverse sweep, dk slice [:, BK], dstate [BK, Dv].
+- ``_lightning_bwd_dv_kernel`` grid (cdiv(Dv, BV), H, B): reverse sweep, dv slice [:, BV], dstate [D, BV],
   and the initial-state gradient dh0 (the reverse state after the first chunk).
-- ``_lightning_decode_kernel`` grid (cdiv(Dv, BV), B*H): one token, ``S' = lambda S + k^T v``,
+- ``_lightning_decode_kernel`` grid (cdiv(Dv, BV), H, B): one token, ``S' = lambda S + k^T v``,
   ``o = scale q S'`` (elementwise, fp32; no chunk padding).
 
 No atomics: every output element is written by exactly one program, so results are bitwise reproducible.
 """
 from __future__ import annotations
+
+import math
 
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -38,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import KernelSpec, alloc, interpreter_enabled, next_pow2, ptr_type
+from .utils import KernelSpec, alloc, interpreter_enabled, next_pow2, on_tensor_device, ptr_type
 
 LOG2E = 1.4426950408889634
 
@@ -103,7 +105,7 @@ def _lightning_fwd_kernel(
     USE_H0: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     SCALED: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_v, i_bh = tl.program_id(0), tl.program_id(2) * H + tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = o.dtype.element_ty
     o_t = tl.arange(0, BT)
@@ -167,7 +169,7 @@ def _lightning_bwd_dq_kernel(
     SCALED: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     # dq_t = scale * dO_t S_t^T: forward sweep over the state rows [BK] (all Dv columns)
-    i_k, i_bh = tl.program_id(0), tl.program_id(1)
+    i_k, i_bh = tl.program_id(0), tl.program_id(2) * H + tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = dq.dtype.element_ty
     o_t = tl.arange(0, BT)
@@ -224,7 +226,7 @@ def _lightning_bwd_dk_kernel(
     SCALED: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     # dk_j = v_j G_j^T with G_j = dLoss/dS_j: reverse sweep over the dstate rows [BK] (all Dv columns).
-    i_k, i_bh = tl.program_id(0), tl.program_id(1)
+    i_k, i_bh = tl.program_id(0), tl.program_id(2) * H + tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = dk.dtype.element_ty
     o_t = tl.arange(0, BT)
@@ -283,7 +285,7 @@ def _lightning_bwd_dv_kernel(
     SCALED: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     # dv_j = k_j G_j: reverse sweep over the dstate columns [BV] (all D rows); dh0 = G after chunk 0
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_v, i_bh = tl.program_id(0), tl.program_id(2) * H + tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = dv.dtype.element_ty
     o_t = tl.arange(0, BT)
@@ -342,7 +344,7 @@ def _lightning_decode_kernel(
     scale, H, D, DV,
     USE_H0: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_v, i_bh = tl.program_id(0), tl.program_id(2) * H + tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_d = tl.arange(0, BD)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -430,13 +432,14 @@ def lightning_work(N: int, D: int, DV: int, *, B: int = 1, H: int = 1, dtype: to
 LAST_LAUNCH: Dict[str, Tuple[int, int]] = {}
 
 
-def _record(name: str, grid: Tuple[int, int], trips: int) -> None:
-    LAST_LAUNCH[name] = (int(grid[0]) * int(grid[1]), int(trips))
+def _record(name: str, grid: Tuple[int, ...], trips: int) -> None:
+    LAST_LAUNCH[name] = (int(math.prod(grid)), int(trips))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
+@on_tensor_device
 def lightning_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor, scale: float,
                   h0: Optional[torch.Tensor], block_size: Optional[int] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -449,7 +452,7 @@ def lightning_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torc
     o = alloc(B, H, N, DV, device=q.device, dtype=q.dtype)
     ht = alloc(B, H, D, DV, device=q.device, dtype=torch.float32)
     NT = triton.cdiv(N, p.BT)
-    grid = (triton.cdiv(DV, p.BV), B * H)
+    grid = (triton.cdiv(DV, p.BV), H, B)
     _lightning_fwd_kernel[grid](
         q, k, v, rates, h0 if h0 is not None else ht, o, ht,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -462,6 +465,7 @@ def lightning_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torc
     return o, ht
 
 
+@on_tensor_device
 def lightning_bwd(do: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor, rates: torch.Tensor, scale: float, h0: Optional[torch.Tensor],
                   block_size: Optional[int] = None
@@ -484,7 +488,7 @@ def lightning_bwd(do: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Tensor
     sk = (k.stride(0), k.stride(1), k.stride(2))
     sv = (v.stride(0), v.stride(1), v.stride(2))
 
-    grid_k = (triton.cdiv(D, p.BK), B * H)
+    grid_k = (triton.cdiv(D, p.BK), H, B)
     _lightning_bwd_dq_kernel[grid_k](
         k, v, do, rates, h0 if h0 is not None else dh0, dq, *sk, *sv, *so,
         float(scale), H, N, D, DV, NT, USE_H0=h0 is not None, BT=p.BT, BK=p.BK, BDV=p.BDV, **opts,
@@ -495,7 +499,7 @@ def lightning_bwd(do: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Tensor
         float(scale), H, N, D, DV, NT, USE_DHT=dht is not None, BT=p.BT, BK=p.BK, BDV=p.BDV, **opts,
     )
     _record("bwd_dk", grid_k, NT)
-    grid_v = (triton.cdiv(DV, p.BV), B * H)
+    grid_v = (triton.cdiv(DV, p.BV), H, B)
     _lightning_bwd_dv_kernel[grid_v](
         q, k, do, rates, dht if dht is not None else dh0, dv, dh0, *sq, *sk, *so,
         float(scale), H, N, D, DV, NT, USE_DHT=dht is not None, BT=p.BT, BD=p.BD, BV=p.BV, **opts,
@@ -504,6 +508,7 @@ def lightning_bwd(do: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Tensor
     return dq, dk, dv, dh0
 
 
+@on_tensor_device
 def lightning_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor,
                           scale: float, h0: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """One token: q, k (B, H, 1, D), v (B, H, 1, Dv) with unit last stride, h0 (B, H, D, Dv) fp32
@@ -513,7 +518,7 @@ def lightning_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rat
     p = plan(D, DV, q.dtype)
     o = alloc(B, H, 1, DV, device=q.device, dtype=q.dtype)
     ht = alloc(B, H, D, DV, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(DV, p.DEC_BV), B * H)
+    grid = (triton.cdiv(DV, p.DEC_BV), H, B)
     _lightning_decode_kernel[grid](
         q, k, v, rates, h0 if h0 is not None else ht, o, ht,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

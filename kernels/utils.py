@@ -1,6 +1,8 @@
 """Small shared kernels and launch helpers."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
@@ -32,6 +34,18 @@ def alloc(*shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+def on_tensor_device(fn):
+    """Run a launcher with the current CUDA device set to that of its first tensor argument: Triton
+    launches on the current device, which need not be the tensors' (e.g. inputs on cuda:1)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        ctx = torch.cuda.device(t.device) if t is not None and t.is_cuda else contextlib.nullcontext()
+        with ctx:
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 def next_pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(x)))
 
@@ -50,8 +64,8 @@ def _row_dot_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # out[b, h, n] = sum_d a[b, h, n, d] * b[b, h, n, d], accumulated in fp32
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_m, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (row tiles, H, B)
+    i_bh = i_b * H + i_h
     o_r = tl.arange(0, BLOCK_M)
     o_m = i_m * BLOCK_M + o_r
     o_d = tl.arange(0, BLOCK_D)
@@ -71,6 +85,7 @@ def _row_dot_block_m(block_d: int) -> int:
     return max(16, min(128, 4096 // block_d))  # 4K elements per tile: spill-free on sm_80 / sm_90
 
 
+@on_tensor_device
 def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise dot product over the last dim of two (B, H, N, D) tensors (unit last stride), in
     float32: returns a contiguous (B, H, N) tensor. Used for the backward's Delta = rowsum(dO * O)."""
@@ -80,7 +95,7 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return out
     BLOCK_D = next_pow2(D)
     BLOCK_M = _row_dot_block_m(BLOCK_D)
-    grid = (triton.cdiv(N, BLOCK_M), B * H)
+    grid = (triton.cdiv(N, BLOCK_M), H, B)
     _row_dot_kernel[grid](
         a, b, out, a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
         H, N, D, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=ROW_DOT_WARPS,

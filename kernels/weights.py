@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import KernelSpec, alloc, interpreter_enabled, next_pow2, ptr_type
+from .utils import KernelSpec, alloc, interpreter_enabled, next_pow2, on_tensor_device, ptr_type
 
 LOG2E = 1.4426950408889634
 
@@ -42,8 +42,8 @@ def _attn_weights_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # grid: (cdiv(R, BLOCK_M) * cdiv(NK, BLOCK_N), B * HS)
-    i_mn, i_bh = tl.program_id(0), tl.program_id(1)
+    # grid: (cdiv(R, BLOCK_M) * cdiv(NK, BLOCK_N), HS, B)
+    i_mn, i_bh = tl.program_id(0), tl.program_id(2) * HS + tl.program_id(1)
     n_tiles_n = tl.cdiv(NK, BLOCK_N)
     i_m, i_n = i_mn // n_tiles_n, i_mn % n_tiles_n
     i_b, i_hs = i_bh // HS, i_bh % HS
@@ -130,6 +130,7 @@ def _ieee(dtype: torch.dtype) -> bool:
     return False
 
 
+@on_tensor_device
 def attention_weights_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -166,7 +167,7 @@ def attention_weights_fwd(
         kind, b_arg, b_strides = BIAS_BOOL, bias.view(torch.uint8), tuple(bias.stride())
     else:
         kind, b_arg, b_strides = BIAS_FLOAT, bias, tuple(bias.stride())
-    grid = (triton.cdiv(R, BLOCK_M) * triton.cdiv(NK, BLOCK_N), B * HS)
+    grid = (triton.cdiv(R, BLOCK_M) * triton.cdiv(NK, BLOCK_N), HS, B)
     _attn_weights_kernel[grid](
         q, k, lse, b_arg, head_idx, row_idx, out,
         q.stride(0), q.stride(1), q.stride(2),

@@ -76,3 +76,29 @@ def test_negative_scale(monkeypatch, tma):
         pytest.skip("descriptor path forced only under the interpreter")
     monkeypatch.setattr(A, "TMA_MODE", tma if tma == "on" else A.TMA_MODE)
     run_case(1, 2, 1, 70, 45, 32, 32, torch.float32, causal=True, scale=-0.4)
+
+
+@pytest.mark.parametrize("kernel,table", [("_attn_fwd", "FWD_CONFIGS"), ("_attn_bwd_dq", "DQ_CONFIGS"),
+                                          ("_attn_bwd_dkdv", "DKDV_CONFIGS")])
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+def test_sparse_configs_fit_the_blocks(kernel, table, bs):
+    """Every family's autotune list for a block-sparse call has tiles no larger than the blocks — also
+    for single-config entries, which Triton's autotuner never prunes — and a boundary step that divides
+    the block (a tile larger than a block would read the wrong lists and run past the element masks)."""
+    tables = getattr(A, table)
+    for family, buckets in tables.items():
+        for bucket in buckets:
+            for c in A.configs_for(kernel, tables, family, bucket, bs, bs):
+                m, n, b = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_B"]
+                assert m <= bs and n <= bs and bs % b == 0, (family, bucket, c.kwargs)
+
+
+def test_grid_folds_batch_heads(monkeypatch):
+    """Heads and batch sit on grid axes 1 / 2 (CUDA limits them to 65535 each); dK/dV folds
+    batch x kv heads over two axes, and programs past the end redo the last one (same values)."""
+    monkeypatch.setattr(A, "_GRID_YZ", 4)  # B * Hkv = 6 > 4: folded into a 4 x 2 grid with two spare programs
+    run_case(3, 4, 2, 37, 45, 16, 16, torch.float32, causal=True)
+    monkeypatch.setattr(A, "_GRID_YZ", 1)
+    q = torch.randn(2, 1, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="CUDA grid limit"):
+        A.attention_forward(q, q, q, scale=1.0)
