@@ -43,10 +43,10 @@ FWD_CONFIGS = {
     "sm80": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
              128: [(64, 64, 8, 3), (128, 32, 8, 3), (32, 32, 4, 2)],
              256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
-    "mask": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
+    "mask": {64: [(64, 32, 4, 2)],
              128: [(64, 32, 4, 2), (32, 32, 4, 2)],
              256: [(32, 16, 4, 2)]},
-    "fp32": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
+    "fp32": {64: [(64, 32, 4, 2)],
              128: [(32, 32, 4, 2)],
              256: [(16, 16, 4, 1)]},
 }
@@ -70,7 +70,7 @@ DQ_CONFIGS = {
 # step; an optional fifth entry is the boundary step (default min(BLOCK_M, 64)). d256 stays on mma.sync:
 # its dK + dV accumulators alone would take 256 registers a thread at 64 key rows per warpgroup.
 DKDV_CONFIGS = {
-    "sm90": {64: [(64, 128, 8, 2)],
+    "sm90": {64: [(64, 128, 8, 2, 32)],
              128: [(32, 128, 8, 2, 16)],
              256: [(16, 16, 4, 1)]},
     "sm80": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
@@ -116,11 +116,10 @@ def _mask_scores(
     if BIAS != 0:
         m_in = (i_q < Nq) & (i_k < Nk)  # bias loads stay inside the tensor's extent
     if BIAS == 1:
-        b_bm = tl.load(p_bias + i_q.to(tl.int64) * sb_m + i_k.to(tl.int64) * sb_n, mask=m_in, other=0)
+        b_bm = tl.load(p_bias + i_q.to(tl.int64) * sb_m + i_k * sb_n, mask=m_in, other=0)
         m_ok = m_ok & (b_bm != 0)
     if BIAS == 2:
-        b_bias = tl.load(p_bias + i_q.to(tl.int64) * sb_m + i_k.to(tl.int64) * sb_n, mask=m_in,
-                         other=0.0).to(tl.float32)
+        b_bias = tl.load(p_bias + i_q.to(tl.int64) * sb_m + i_k * sb_n, mask=m_in, other=0.0).to(tl.float32)
         s = s + b_bias * 1.4426950408889634
     return tl.where(m_ok, s, float("-inf"))
 
@@ -703,6 +702,9 @@ def _dot_options(dtype: torch.dtype):
 def _bias_args(bias: Optional[torch.Tensor], q: torch.Tensor):
     if bias is None:
         return q, (0, 0, 0, 0), 0
+    if (bias.shape[-1] - 1) * abs(bias.stride(-1)) >= 2 ** 31:  # kernels index a row's columns in int32
+        raise ValueError(f"attention mask column stride {bias.stride(-1)} x {bias.shape[-1]} keys exceeds 32-bit "
+                         "offsets: pass a mask whose last dim is contiguous (or broadcast)")
     if bias.dtype == torch.bool:
         bias = bias.view(torch.uint8)  # same element size: a reinterpreting view for any strides, no copy
         return bias, tuple(bias.stride()), 1
