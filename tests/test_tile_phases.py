@@ -102,3 +102,17 @@ def test_grid_folds_batch_heads(monkeypatch):
     q = torch.randn(2, 1, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="CUDA grid limit"):
         A.attention_forward(q, q, q, scale=1.0)
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="forces the descriptor path under the interpreter")
+def test_descriptor_interior_path_block_sparse(tma_on):
+    """Full blocks (interior steps) of a block-sparse call load through descriptors too: per-head random
+    layouts with GQA, ragged lengths (edge blocks are partial) and an empty query block."""
+    import tileattn
+
+    g = torch.Generator().manual_seed(3)
+    nq, nk, bs = 100, 150, 32
+    layout = torch.rand(2, 4, -(-nq // bs), -(-nk // bs), generator=g) < 0.6
+    layout[1, 2, 0] = False
+    bm = tileattn.BlockMask.from_layout(layout.to(DEVICE), block_size=bs, q_len=nq, kv_len=nk)
+    run_case(2, 4, 2, nq, nk, 48, 40, torch.float32, block_mask=bm)
