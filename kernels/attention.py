@@ -423,11 +423,12 @@ def _dq_steps(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, NOLICM: tl.constexpr,
 ):
-    """Steps [t0, t1) of the dQ walk: dQ += (P * (dO V^T - Delta)) K."""
+    """Steps [t0, t1) of the dQ walk: dQ += (P * (dO V^T - Delta)) K. NOLICM (wide program tiles) keeps
+    loop invariants inside the loop: hoisted, their long live ranges spilled around the loops."""
     t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED, SPARSE, ALL_MASKED, BSK, BLOCK_N)
-    for t in range(t0, t1):
+    for t in tl.range(t0, t1, disable_licm=NOLICM):
         start_n, k0, i_mid = _walk_step(t, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
                                         MASKED, SPARSE, BSK, BLOCK_N)
         o_n = start_n + tl.arange(0, BLOCK_N)
@@ -475,12 +476,12 @@ def _attn_bwd_dq(
         dq, b_q, b_do, b_lse2, b_delta, k_src, v_src, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
         BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, TMA, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-        DOT_F32, PREC)
+        DOT_F32, PREC, BLOCK_M >= 128)
     dq = _dq_steps(
         dq, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
         BIAS != 0, BLOCK_M, BLOCK_B, D, DV, BLOCK_D, BLOCK_DV, True, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-        DOT_F32, PREC)
+        DOT_F32, PREC, BLOCK_M >= 128)
     tl.store(_tile_ptrs(DQ, i_b64, s_dqb, i_h, s_dqh, i_m * BLOCK_M, s_dqn, o_r, o_d),
              (dq * scale).to(DQ.dtype.element_ty), mask=m_row[:, None] & (o_d[None, :] < D))
 
@@ -496,11 +497,11 @@ def _dkdv_steps(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, NOLICM: tl.constexpr,
 ):
     """Steps [t0, t1) of the dK/dV walk over the query tiles of one query head."""
     t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED, SPARSE, ALL_MASKED, BSQ, BLOCK_M)
-    for t in range(t0, t1):
+    for t in tl.range(t0, t1, disable_licm=NOLICM):
         start_m, q0, i_mid = _walk_step(t, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
                                         MASKED, SPARSE, BSQ, BLOCK_M)
         o_m = start_m + tl.arange(0, BLOCK_M)
@@ -574,12 +575,12 @@ def _attn_bwd_dkdv(
             dk, dv, b_k, b_v, q_src, do_src, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
             p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
             BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, TMA, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-            DOT_F32, PREC)
+            DOT_F32, PREC, BLOCK_N >= 128)
         dk, dv = _dkdv_steps(
             dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
             p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
             BIAS != 0, BLOCK_B, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-            DOT_F32, PREC)
+            DOT_F32, PREC, BLOCK_N >= 128)
     tl.store(_tile_ptrs(DK, i_b64, s_dkb, i_hk, s_dkh, i_n * BLOCK_N, s_dkn, o_r, o_d),
              (dk * scale).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
     tl.store(_tile_ptrs(DV_PTR, i_b64, s_dvb, i_hk, s_dvh, i_n * BLOCK_N, s_dvn, o_r, o_dv),
