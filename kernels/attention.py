@@ -315,6 +315,26 @@ def _query_program(
     return i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q
 
 
+@triton.jit
+def _key_step(
+    t, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right, p_bias, sb_m, sb_n, EMASK, q0,
+    lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
+    WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """Step ``t`` of a query program's key walk (forward and dQ): the key tile's K [BN, BD], V [BN, BDV]
+    and scores [BM, BN] (see :func:`_load_and_score`)."""
+    start_n, k0, i_mid = _walk_step(t, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+                                    MASKED, SPARSE, BSK, BLOCK_N)
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    return _load_and_score(
+        b_q, K, V, start_n, s_kn, s_vn, Nk, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
+        p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC,
+        WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward: one program per (query tile, batch * query head, key split)
 # ----------------------------------------------------------------------------------------------------
@@ -330,13 +350,10 @@ def _fwd_steps(
     """Steps [t0, t1) of the forward walk: online softmax in the log2 domain."""
     t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED, SPARSE, ALL_MASKED, BSK, BLOCK_N)
     for t in range(t0, t1):
-        start_n, k0, i_mid = _walk_step(t, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
-                                        MASKED, SPARSE, BSK, BLOCK_N)
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
-            b_q, K, V, start_n, s_kn, s_vn, Nk, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
-            p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC,
-            WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+        b_k, b_v, b_s = _key_step(  # [BN, BD], [BN, BDV], [BM, BN]
+            t, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right, p_bias, sb_m, sb_n, EMASK, q0,
+            lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV,
+            MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
         if MASKED:
             m_new = tl.maximum(m_i, tl.max(b_s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -429,13 +446,10 @@ def _dq_steps(
     loop invariants inside the loop: hoisted, their long live ranges spilled around the loops."""
     t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED, SPARSE, ALL_MASKED, BSK, BLOCK_N)
     for t in tl.range(t0, t1, disable_licm=NOLICM):
-        start_n, k0, i_mid = _walk_step(t, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
-                                        MASKED, SPARSE, BSK, BLOCK_N)
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        b_k, b_v, b_s = _load_and_score(  # [BN, BD], [BN, BDV], [BM, BN]
-            b_q, K, V, start_n, s_kn, s_vn, Nk, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
-            p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC,
-            WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+        b_k, b_v, b_s = _key_step(  # [BN, BD], [BN, BDV], [BM, BN]
+            t, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right, p_bias, sb_m, sb_n, EMASK, q0,
+            lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV,
+            MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
         b_p = _exp2_sub(b_s, b_lse2[:, None], qk_scale, MASKED)  # [BM, BN]
         b_dp = _dot(b_do, tl.trans(b_v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
