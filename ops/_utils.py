@@ -197,3 +197,34 @@ def no_double_backward(name: str, *grads):
     for i, g in zip(live, _NoDoubleBackward.apply(name, *(grads[i] for i in live))):
         out[i] = g
     return tuple(out)
+
+
+def check_cu_seqlens(name: str, cu, total: int, device: torch.device, *, validate: bool = True,
+                     nseq: Optional[int] = None) -> Optional[int]:
+    """Validate cumulative sequence lengths (FlashAttention varlen convention): an int32 1-d tensor of
+    ``nseq + 1`` entries on ``device``, starting at 0, non-decreasing, last entry ``total``; sequence ``b``
+    is rows ``cu[b]:cu[b+1]``. Shape / dtype / device checks are free. With ``validate`` the values are
+    checked too, which costs one device-to-host copy (a sync on CUDA); the longest length is returned then
+    (else None)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int32, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (FlashAttention's varlen convention), got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-d with nseq + 1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if nseq is not None and cu.numel() != nseq + 1:
+        raise ValueError(f"{name} has {cu.numel() - 1} sequences, expected {nseq} (nseq + 1 = {nseq + 1} entries)")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but the inputs are on {device}")
+    if not validate:
+        return None
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {vals[0]}")
+    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    if min(lens) < 0:
+        i = next(i for i, n in enumerate(lens) if n < 0)
+        raise ValueError(f"{name} must be non-decreasing, got {vals[i]} then {vals[i + 1]} at entry {i}")
+    if vals[-1] != total:
+        raise ValueError(f"{name}[-1] = {vals[-1]} must equal the number of packed rows ({total})")
+    return max(lens)
