@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "visible_mask",
     "attention_ref",
+    "attention_varlen_ref",
     "linear_attention_quadratic_ref",
     "linear_attention_recurrent_ref",
 ]
@@ -104,6 +105,44 @@ def attention_ref(
     if not upcast:
         out = out.to(dtype)
     return out, lse.squeeze(-1)
+
+
+def attention_varlen_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: Optional[Tuple[int, int]] = None,
+    scale: Optional[float] = None,
+    upcast: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed variable-length attention, one :func:`attention_ref` per sequence; returns ``(out, lse)``.
+
+    q: (total_q, Hq, D), k: (total_k, Hkv, D), v: (total_k, Hkv, Dv) (FlashAttention's varlen layout);
+    sequence b is rows ``cu_seqlens_*[b]:cu_seqlens_*[b + 1]``. out: (total_q, Hq, Dv), lse: (Hq, total_q).
+    A sequence with queries but no keys gives out = 0 and lse = -inf."""
+    hq, dv = q.shape[1], v.shape[-1]
+    dtype = torch.float64 if upcast else q.dtype
+    outs, lses = [], []
+    for b in range(cu_seqlens_q.numel() - 1):
+        q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+        if q1 == q0:
+            continue
+        if k1 == k0:
+            outs.append(torch.zeros(q1 - q0, hq, dv, device=q.device, dtype=dtype))
+            lses.append(torch.full((hq, q1 - q0), -math.inf, device=q.device, dtype=torch.float64 if upcast else torch.float32))
+            continue
+        o, l = attention_ref(*(x[None].transpose(1, 2) for x in (q[q0:q1], k[k0:k1], v[k0:k1])), causal=causal,
+                             window=window, scale=scale, upcast=upcast)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(l[0])
+    if not outs:
+        return q.new_zeros(0, hq, dv, dtype=dtype), q.new_zeros(hq, 0, dtype=torch.float64 if upcast else torch.float32)
+    return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
 def _decay_rates(decay: Optional[torch.Tensor], h: int, device, dtype) -> torch.Tensor:
