@@ -66,7 +66,23 @@ def mha(q=X, k=X, v=X, **kw):
 
 
 # (function, bad-input class) -> (call, exception type, text naming what was expected)
+CU = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+PQ, PV = t(8, 2, 16), t(8, 2, 8)
+
+
+def varlen(q=PQ, k=PQ, v=PV, cu_q=CU, cu_k=CU, *args, **kw):
+    return lambda: tileattn.attention_varlen(q, k, v, cu_q, cu_k, *args, **kw)
+
+
 CATALOGUE = {
+    # ---- attention_varlen (tests/test_varlen.py has the cu_seqlens value checks)
+    ("attention_varlen", "rank"): (varlen(q=Q), ValueError, "q must have 3 dimensions"),
+    ("attention_varlen", "cu dtype"): (varlen(cu_q=CU.long()), TypeError, "cu_seqlens_q must be int32"),
+    ("attention_varlen", "cu start"): (varlen(cu_k=CU + 1), ValueError, "cu_seqlens_k must start at 0"),
+    ("attention_varlen", "cu total"): (varlen(cu_q=CU.clone().fill_(0)), ValueError, "must equal the number of packed rows"),
+    ("attention_varlen", "max_seqlen"): (varlen(PQ, PQ, PV, CU, CU, 2, 8), ValueError, "more than max_seqlen_q"),
+    ("attention_varlen", "window"): (varlen(window=(1,)), TypeError, "window must be a (left, right)"),
+    ("attention_varlen", "dtype mix"): (varlen(k=PQ.half()), TypeError, "dtype"),
     # ---- attention
     ("attention", "not a tensor"): (attn(q=Q.tolist()), TypeError, "q must be a torch.Tensor"),
     ("attention", "rank"): (attn(q=Q[0]), ValueError, "q must have 4 dimensions"),
@@ -193,5 +209,5 @@ def test_bad_input(key):
 
 def test_catalogue_covers_every_public_function():
     funcs = {f for f, _ in CATALOGUE}
-    assert funcs == {"attention", "sdpa", "weights", "create_block_mask", "BlockMask", "lightning", "decode",
+    assert funcs == {"attention", "attention_varlen", "sdpa", "weights", "create_block_mask", "BlockMask", "lightning", "decode",
                      "MultiheadAttention", "LightningAttention"}
