@@ -83,6 +83,15 @@ DKDV_CONFIGS = {
              128: [(16, 16, 4, 1)],
              256: [(16, 16, 8, 1)]},
 }
+# Decoding over a KV cache (the forward's KVCACHE / PAGE / PACK_GQA variants): memory-bound, one warpgroup
+# per 64 packed query rows; sm_90 tiles AOT-checked spill-free in the paged variant, other families reuse
+# the forward's.
+DECODE_CONFIGS = {
+    "sm90": {64: [(64, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+             128: [(64, 64, 4, 3), (128, 64, 8, 3)],
+             256: [(128, 32, 8, 2)]},
+    **{f: FWD_CONFIGS[f] for f in ("sm80", "mask", "fp32")},
+}
 INTERPRET_CONFIG = (32, 32, 4, 1)
 
 
@@ -788,9 +797,9 @@ def configs_for(kernel_name: str, table, family: str, bucket: int, bsq: int = 1 
 
 
 def _tuned(kernel, table, family: str, bucket: int, bsq: int, bsk: int):
-    name = (_kernel_name(kernel), family, bucket, bsq, bsk)
+    name = (_kernel_name(kernel), family, bucket, bsq, bsk, table is DECODE_CONFIGS)
     if name not in _TUNED:
-        _TUNED[name] = triton.autotune(configs=configs_for(*name[:1], table, *name[1:]), key=_KEY)(kernel)
+        _TUNED[name] = triton.autotune(configs=configs_for(name[0], table, *name[1:5]), key=_KEY)(kernel)
     return _TUNED[name]
 
 
@@ -965,7 +974,8 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
                 TMA=table is None and _tma_ok((k, v), _call_family(q, bias_mode)), VARLEN=varlen is not None,
                 KVCACHE=kvcache is not None, PAGE=page, PACK_GQA=bool(pack))
     n_q = (lambda bm: triton.cdiv(rows, bm)) if slots is None else (lambda bm: slots(Nq, bm))
-    _launch(_attn_fwd, FWD_CONFIGS, lambda m: (n_q(m["BLOCK_M"]), heads, B * splits), args, meta,
+    _launch(_attn_fwd, FWD_CONFIGS if kvcache is None else DECODE_CONFIGS,
+            lambda m: (n_q(m["BLOCK_M"]), heads, B * splits), args, meta,
             max(BD, BDV), q.dtype, q.device)
     if splits > 1:
         out, lse = _combine_splits(o_part, lse_part, q.dtype)
@@ -1075,7 +1085,7 @@ def kv_append(x: torch.Tensor, cache: torch.Tensor, cache_seqlens: torch.Tensor,
 # ----------------------------------------------------------------------------------------------------
 _INT_PTRS = ("KV_NUM_F", "KV_IDX_F", "KV_NUM_P", "KV_IDX_P", "KV_MID_P",
              "Q_NUM_F", "Q_IDX_F", "Q_NUM_P", "Q_IDX_P", "Q_MID_P", "VISITS", "CU_Q", "CU_K", "SEQLENS", "TBL")
-_KERNELS = {"fwd": _attn_fwd, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv}
+_KERNELS = {"fwd": _attn_fwd, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv, "decode": _attn_fwd}
 # Mask variants a config must compile spill-free in (the heaviest ones), per config family.
 _VARIANTS = {
     "dense": dict(WINDOWED=False, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30),
@@ -1130,14 +1140,14 @@ def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, i
     var = _VARIANTS[variant]
     if var["SPARSE"] and (bm > var["BSQ"] or bn > var["BSK"]):
         return None
-    if var.get("PAGE") and tag != "fwd":  # the KV-cache path is forward-only
+    if bool(var.get("PAGE")) != (tag == "decode"):  # KV-cache variants: the forward with the decode table
         return None
     dtype = dtype or _FAMILY_DTYPES[family][-1 if variant == "sparse" else 0]
     kernel = _KERNELS[tag]
     cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, **_tiles(kernel.__name__, bm, bn, *config[4:]),
               DOT_F32=False, PREC="tf32" if family == "fp32" else "ieee", TMA=family == "sm90",
               **{"VARLEN": False, **var})
-    if tag == "fwd":
+    if tag in ("fwd", "decode"):
         cx.update(COUNT=False, NEG_SCALE=False, **{n: var.get(n, False) for n in ("KVCACHE", "PACK_GQA")},
                   PAGE=var.get("PAGE", 0))
         cx["TMA"] = cx["TMA"] and not cx["PAGE"]
@@ -1145,7 +1155,7 @@ def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, i
     name = f"attn_{tag}[{family},{variant},{str(dtype)[6:]},d{bucket}] BM{bm} BN{bn} BB{cx['BLOCK_B']} w{w} s{s}"
     # nominal MMA FLOPs of one iteration of the interior and of the boundary loop (program tile x step x
     # head dim x matmuls: fwd QK^T + PV; dQ QK^T, dO V^T, dS K; dK/dV all four)
-    n_mm = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4}[tag]
+    n_mm = {"fwd": 2, "decode": 2, "bwd_dq": 3, "bwd_dkdv": 4}[tag]
     this, step = (bn, bm) if tag == "bwd_dkdv" else (bm, bn)
     iter_flops = [2 * this * st * bucket * n_mm for st in (step, cx["BLOCK_B"])]
     return KernelSpec(name, kernel, sig, cx, w, s, archs=_FAMILY_ARCHS[family],
@@ -1158,7 +1168,7 @@ def aot_specs() -> List[KernelSpec]:
     """Every shipped config of the three kernels, per family and head-dim bucket, in every mask variant."""
     specs = []
     for tag in _KERNELS:
-        table = {"fwd": FWD_CONFIGS, "bwd_dq": DQ_CONFIGS, "bwd_dkdv": DKDV_CONFIGS}[tag]
+        table = {"fwd": FWD_CONFIGS, "decode": DECODE_CONFIGS, "bwd_dq": DQ_CONFIGS, "bwd_dkdv": DKDV_CONFIGS}[tag]
         for family, buckets in table.items():
             for bucket, configs in buckets.items():
                 for config in configs:
