@@ -1,7 +1,7 @@
 """What ``python -m bench`` does without CUDA: everything that is honest to do without a GPU.
 
 1. The correctness sweep: tileattn's kernels under the Triton interpreter (and the PyTorch SDPA CPU paths,
-   as a check of the harness) at small sizes, against the float64 references, with the same gate the GPU
+   as a check of the harness) at small sizes (varlen: a packed row of mixed-length documents), against the float64 references, with the same gate the GPU
    run applies before timing. Written to ``correctness.json`` / ``.csv`` and ``correctness.png``.
 2. The kernel resource report (``scripts/kernel_report.py``, in a subprocess without TRITON_INTERPRET):
    registers, spills and shared memory of every shipped config for sm_80 / sm_90. ``kernel_report.json``
@@ -43,6 +43,11 @@ def correctness_cases(quick: bool, dtypes: List[str], head_dims: Optional[List[i
             for m in (["random:0.3", "window:100"] if quick else ["random:0.2", "random:0.5", "window:100"]):
                 cases.append(("tileattn", Case("sparse", 1, 2, 300 if quick else 520, D, dt, False, "fwdbwd", m)))
             cases.append(("tileattn-lightning", Case("lightning", 1, 2, n, D, dt, True, "fwdbwd")))
+            # varlen: n packed tokens in documents of mixed lengths (bench.measure.doc_lengths), and the padded baselines
+            for causal in (True, False):
+                cases.append(("tileattn-varlen", Case("varlen", 1, 2, n, D, dt, causal, "fwdbwd", "docs:0")))
+            for pname in ("tileattn-padded", "sdpa-flash-padded"):
+                cases.append((pname, Case("varlen", 1, 2, n, D, dt, True, "fwdbwd", "docs:0")))
     return cases
 
 
