@@ -253,3 +253,22 @@ def test_varlen_measurement_pipeline_on_cpu(tmp_path):
     ours = [dict(r, provider="tileattn-varlen", tflops=2 * r["tflops"]) for r in rows]
     md = render_summary(rows + ours)
     assert "Varlen (packed documents" in md and "2.00×" in md and "vs sdpa-flash-padded" in md
+
+
+def test_varlen_work_counts():
+    """The CPU-mode varlen work counts: Flex's document blocks and the useful elements match the dense
+    document-causal mask; packed per-document tiles do less than padding, which does less than the whole row."""
+    import torch
+
+    from bench.cpu import varlen_work
+    from bench.measure import MASKS
+
+    for N in (300, 2049):
+        w = varlen_work(N, "docs:2")
+        d = MASKS.dense("docs-causal:2", 1, N, 1, "cpu")[0, 0].float()
+        nb = -(-N // 128)
+        blocks = torch.nn.functional.pad(d, (0, nb * 128 - N, 0, nb * 128 - N)).view(nb, 128, nb, 128).amax(dim=(1, 3))
+        assert w["flex_doc_mask"] == int(blocks.sum()) * 128 * 128 and w["useful"] == int(d.sum())
+    MASKS.clear()
+    w = varlen_work(16384, "docs:0")
+    assert w["useful"] < w["packed"] < w["padded"] < w["whole_row_causal"]
