@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default="bf16", help="bf16, fp16, fp32 (comma separated)")
     p.add_argument("--head-dims", default=None, help="head dims for the softmax sweep (default 64,128)")
     p.add_argument("--causal", default="both", choices=["both", "true", "false"],
-                   help="softmax sweep: causal, non-causal or both")
+                   help="softmax sweep: causal, non-causal or both (varlen: non-causal only with false)")
     p.add_argument("--lengths", default=None,
                    help="sequence lengths for every selected sweep, e.g. 512,1k,4k (default per sweep: "
                         "softmax 512..32k, sparse 8k/16k/32k, lightning 1k..128k; varlen: packed tokens, 16k)")

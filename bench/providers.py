@@ -27,7 +27,7 @@ class Built:
 
 class Provider:
     """Base class. ``name``: short id used in results and plots; ``ops``: which case ops it computes
-    ('softmax', 'sparse', 'lightning'); ``ours``: a tileattn kernel (must launch Triton kernels)."""
+    ('softmax', 'sparse', 'lightning', 'varlen'); ``ours``: a tileattn kernel (must launch Triton kernels)."""
 
     name = "?"
     ops: tuple = ()
