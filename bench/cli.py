@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(at N = 16k) drawn from the seed (comma separated)")
     p.add_argument("--modes", default="fwd,bwd,fwdbwd", help="fwd, bwd, fwdbwd")
     p.add_argument("--batch", type=int, default=None,
-                   help="batch size for every case (default: 16k / N for softmax and sparse, 1 for lightning)")
+                   help="batch size for every case (default: 16k / N for softmax and sparse, 1 for lightning; "
+                        "varlen is always one packed row)")
     p.add_argument("--heads", type=int, default=None, help="heads for every case (default: 2048 / D)")
     p.add_argument("--providers", default=None, help="only these providers (comma separated names)")
     p.add_argument("--quick", action="store_true", help="a short sweep (CPU: small interpreter checks)")
@@ -153,6 +154,8 @@ def _override(case, args):
         b, h = b or 1, h or 2
     if b or h:
         case = replace(case, B=b or case.B, H=h or case.H)
+    if case.op == "varlen" and case.B != 1:  # one packed row: its batch is the documents in it
+        case = replace(case, B=1)
     return case
 
 

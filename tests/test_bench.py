@@ -166,6 +166,8 @@ def test_varlen_plan():
     from bench.providers import all_providers
 
     assert "key-padding" in all_providers()["tileattn-padded"].skip(cases[0])
+    args = build_parser().parse_args(["--ops", "varlen", "--batch", "4", "--heads", "8", "--modes", "fwd"])
+    assert {(c.B, c.H) for _, _, c in plan(args, quick=False)} == {(1, 8)}  # one packed row whatever --batch says
 
 
 def _wrong_varlen_provider():
