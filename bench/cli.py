@@ -31,6 +31,7 @@ DENSITIES = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
 WINDOWS = [256, 1024, 4096]
 QUICK = {"softmax": [1024, 4096, 16384], "sparse": [8192], "lightning": [1024, 8192, 32768],
          "densities": [0.1, 0.3, 1.0], "windows": [1024], "head_dims": [128], "modes": ["fwd", "bwd"]}
+VARLEN_LENGTHS = [16384]  # packed tokens per row (the documents' lengths sum to N)
 HIDDEN = 2048  # FA2/FA3 charts: hidden size 2048 (H = 2048 / D), batch = 16k / N
 
 
@@ -51,19 +52,24 @@ def _csv_list(text: str) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("--ops", default="softmax,sparse,lightning",
-                   help="sweeps to run: softmax, sparse (time vs block density), lightning (time vs length)")
+    p.add_argument("--ops", default="softmax,sparse,lightning,varlen",
+                   help="sweeps to run: softmax, sparse (time vs block density), lightning (time vs length), "
+                        "varlen (packed documents of mixed lengths vs padded batches and a Flex document mask)")
     p.add_argument("--dtypes", default="bf16", help="bf16, fp16, fp32 (comma separated)")
     p.add_argument("--head-dims", default=None, help="head dims for the softmax sweep (default 64,128)")
     p.add_argument("--causal", default="both", choices=["both", "true", "false"],
-                   help="softmax sweep: causal, non-causal or both")
+                   help="softmax sweep: causal, non-causal or both (varlen: non-causal only with false)")
     p.add_argument("--lengths", default=None,
                    help="sequence lengths for every selected sweep, e.g. 512,1k,4k (default per sweep: "
-                        "softmax 512..32k, sparse 8k/16k/32k, lightning 1k..128k)")
+                        "softmax 512..32k, sparse 8k/16k/32k, lightning 1k..128k; varlen: packed tokens, 16k)")
     p.add_argument("--densities", default=None, help="sparse sweep: random block-layout densities")
+    p.add_argument("--doc-seeds", default="0",
+                   help="varlen sweep: one packed row per seed, document lengths log-uniform in [128, 4096] "
+                        "(at N = 16k) drawn from the seed (comma separated)")
     p.add_argument("--modes", default="fwd,bwd,fwdbwd", help="fwd, bwd, fwdbwd")
     p.add_argument("--batch", type=int, default=None,
-                   help="batch size for every case (default: 16k / N for softmax and sparse, 1 for lightning)")
+                   help="batch size for every case (default: 16k / N for softmax and sparse, 1 for lightning; "
+                        "varlen is always one packed row)")
     p.add_argument("--heads", type=int, default=None, help="heads for every case (default: 2048 / D)")
     p.add_argument("--providers", default=None, help="only these providers (comma separated names)")
     p.add_argument("--quick", action="store_true", help="a short sweep (CPU: small interpreter checks)")
@@ -130,12 +136,26 @@ def _lightning_cases(args, dtypes, modes, quick) -> List:
     return [Case("lightning", 1, H, N, D, dt, True, mode) for dt in dtypes for mode in modes for N in lengths]
 
 
+def _varlen_cases(args, dtypes, modes, quick) -> List:
+    """B=1 row of N packed tokens (mask ``docs:<seed>``: its document lengths, bench.measure.doc_lengths),
+    H = 2048 / D; causal unless ``--causal false``."""
+    from bench.measure import Case
+
+    lengths = parse_lengths(args.lengths) if args.lengths else VARLEN_LENGTHS
+    dims = [int(d) for d in _csv_list(args.head_dims)] if args.head_dims else (QUICK["head_dims"] if quick else [64, 128])
+    causal = args.causal != "false"
+    return [Case("varlen", 1, max(1, HIDDEN // D), N, D, dt, causal, mode, f"docs:{int(seed)}")
+            for dt in dtypes for D in dims for mode in modes for N in lengths for seed in _csv_list(args.doc_seeds)]
+
+
 def _override(case, args):
     b, h = args.batch, args.heads
     if args.cpu_timing:
         b, h = b or 1, h or 2
     if b or h:
         case = replace(case, B=b or case.B, H=h or case.H)
+    if case.op == "varlen" and case.B != 1:  # one packed row: its batch is the documents in it
+        case = replace(case, B=1)
     return case
 
 
@@ -149,11 +169,12 @@ def plan(args, quick: bool) -> List[Tuple[str, str, object]]:
     if quick and args.modes == "fwd,bwd,fwdbwd":
         modes = QUICK["modes"]
     only = set(_csv_list(args.providers)) if args.providers else None
-    builders = {"softmax": _softmax_cases, "sparse": _sparse_cases, "lightning": _lightning_cases}
+    builders = {"softmax": _softmax_cases, "sparse": _sparse_cases, "lightning": _lightning_cases,
+                "varlen": _varlen_cases}
     tasks, seen = [], set()
     for sweep in _csv_list(args.ops):
         if sweep not in builders:
-            raise SystemExit(f"unknown op {sweep!r}: expected softmax, sparse or lightning")
+            raise SystemExit(f"unknown op {sweep!r}: expected softmax, sparse, lightning or varlen")
         for case in builders[sweep](args, dtypes, modes, quick):
             case = _override(case, args)
             for pname, op in SWEEP_PROVIDERS[sweep]:
@@ -239,7 +260,7 @@ def run_sweep(args, quick: bool, out: str) -> List[dict]:
     for name, why in notes.items():
         print(f"skip provider {name}: {why}")
     meta = {"env": env_info(), "argv": sys.argv[1:], "provider_notes": notes, "flop_rules":
-            {"softmax": M.SOFTMAX_RULE, "linear": M.LINEAR_RULE}, "started": timestamp(),
+            {"softmax": M.SOFTMAX_RULE, "linear": M.LINEAR_RULE, "varlen": M.VARLEN_RULE}, "started": timestamp(),
             "timing": "triton.testing.do_bench median (L2 flushed), rotated input sets" if on_cuda() else
             "CPU wall clock (harness self-test; not a kernel benchmark)"}
     gates: Dict[tuple, object] = {}
@@ -265,6 +286,9 @@ def run_sweep(args, quick: bool, out: str) -> List[dict]:
                 except Exception as e:
                     row["density"] = None
                     row["note"] = f"density unknown ({type(e).__name__})"
+            if case.op == "varlen":
+                lens = M.doc_lengths(case.mask, case.N)
+                row.update(density=M.doc_density(case.mask, case.N), docs=len(lens), max_doc=max(lens))
             flops, rule = M.case_flops(case, row["density"])
             row["flops"], row["flop_rule"] = flops, rule
             why = p.skip(case)

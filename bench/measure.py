@@ -14,6 +14,7 @@ import gc
 import importlib.util
 import math
 import os
+import random
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -41,9 +42,10 @@ helpers = _load_helpers()
 # ------------------------------------------------------------------------------------------------ case
 @dataclass(frozen=True)
 class Case:
-    """One benchmark configuration. ``op``: 'softmax' | 'sparse' | 'lightning'; Nq = Nk = N.
+    """One benchmark configuration. ``op``: 'softmax' | 'sparse' | 'lightning' | 'varlen'; Nq = Nk = N.
     ``mask``: for 'sparse', ``kind:param`` (``random:0.1`` = random block layout of density 0.1,
-    ``window:512`` = causal sliding window of 512 keys); empty otherwise."""
+    ``window:512`` = causal sliding window of 512 keys); for 'varlen', ``docs:<seed>`` = the N tokens of the
+    (B=1) row packed from documents of mixed lengths (:func:`doc_lengths`); empty otherwise."""
 
     op: str
     B: int
@@ -77,6 +79,8 @@ class Case:
 # ------------------------------------------------------------------------------------------------ FLOPs
 SOFTMAX_RULE = "FLOPs = 4·B·H·N²·D (fwd); bwd ×2.5; fwd+bwd ×3.5; causal ×0.5; block-sparse × block density"
 LINEAR_RULE = "linear-attn FLOPs = 4·B·H·N·D·Dv (fwd: kᵀv state update + q·S per token); bwd ×2; fwd+bwd ×3"
+VARLEN_RULE = ("varlen: the softmax rule with B=1, N = packed tokens and density Σ len_i² / N² "
+               "(useful FLOPs only: padded providers get no credit for their padding)")
 _SOFTMAX_MODE = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 _LINEAR_MODE = {"fwd": 1.0, "bwd": 2.0, "fwdbwd": 3.0}
 
@@ -123,6 +127,46 @@ def make_inputs(case: Case, device, requires_grad: bool, seed: int = 0) -> Input
 def set_bytes(case: Case) -> int:
     el = torch.tensor([], dtype=case.torch_dtype).element_size()
     return case.B * case.H * case.N * (2 * case.D + case.dv) * el
+
+
+# ------------------------------------------------------------------------------------------------ varlen
+def doc_lengths(mask: str, N: int) -> List[int]:
+    """Document lengths of a 'varlen' case; they sum to N. ``docs:<seed>``: lengths drawn log-uniformly in
+    [lo, hi] with lo = min(128, max(1, N // 32)) and hi = min(4096, max(lo, N // 4)) (at N = 16k: 128 … 4096),
+    the last one cut to the remainder, then shuffled; deterministic in (seed, N)."""
+    kind, _, param = mask.partition(":")
+    if kind not in ("docs", "docs-causal"):
+        raise ValueError(f"unknown varlen mask {mask!r} (expected docs:<seed>)")
+    if N < 1:
+        raise ValueError(f"varlen needs N >= 1 packed tokens, got {N}")
+    rng = random.Random(f"{param}/{N}")
+    lo = min(128, max(1, N // 32))
+    hi = min(4096, max(lo, N // 4))
+    lens, left = [], N
+    while left > 0:
+        n = min(left, int(round(math.exp(rng.uniform(math.log(lo), math.log(hi))))))
+        lens.append(n)
+        left -= n
+    rng.shuffle(lens)
+    return lens
+
+
+def doc_density(mask: str, N: int) -> float:
+    """Σ len_i² / N²: the fraction of the N×N score matrix a packed document mask keeps (before causal)."""
+    return sum(n * n for n in doc_lengths(mask, N)) / float(N * N)
+
+
+def cu_seqlens(lens: Sequence[int], device) -> torch.Tensor:
+    """int32 (len(lens) + 1,) cumulative lengths starting at 0 (FlashAttention's varlen convention)."""
+    out = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(list(lens), dtype=torch.int64).cumsum(0).to(torch.int32)
+    return out.to(device)
+
+
+def varlen_mask(case: "Case") -> str:
+    """The :class:`MaskCache` name of a varlen case's mask on the packed row: ``docs:<seed>`` (same document)
+    or ``docs-causal:<seed>`` (same document and causal)."""
+    return ("docs-causal:" if case.causal else "docs:") + case.mask.partition(":")[2]
 
 
 # ------------------------------------------------------------------------------------------------ masks
@@ -172,7 +216,17 @@ class MaskCache:
             return fn
         if kind == "causal":
             return lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
-        raise ValueError(f"unknown mask {mask!r} (expected random:<density>, window:<size> or causal)")
+        if kind in ("docs", "docs-causal"):  # packed documents (varlen): a document id per token
+            def build_ids():
+                lens = torch.tensor(doc_lengths(mask, N))
+                return torch.repeat_interleave(torch.arange(len(lens)), lens).to(device)
+
+            doc = self._get(("doc_ids", param, N, str(device)), build_ids)
+            if kind == "docs":
+                return lambda b, h, q_idx, kv_idx: doc[q_idx] == doc[kv_idx]
+            return lambda b, h, q_idx, kv_idx: (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+        raise ValueError(f"unknown mask {mask!r} (expected random:<density>, window:<size>, causal, "
+                         "docs:<seed> or docs-causal:<seed>)")
 
     def dense(self, mask: str, B: int, N: int, H: int, device) -> torch.Tensor:
         """(1, H, N, N) bool, True = attend (materialised: small sizes or the SDPA-with-mask provider)."""
@@ -276,6 +330,12 @@ def _reference(case: Case, inp: Inputs, upcast: bool):
         out, _ = R.linear_attention_quadratic_ref(inp.q, inp.k, inp.v, inp.decay, scale=inp.extra.get("scale"),
                                                   upcast=upcast)
         return out
+    if case.op == "varlen":  # per document, on the packed (N, H, D) layout
+        cu = cu_seqlens(doc_lengths(case.mask, case.N), inp.q.device)
+        packed = [x[0].transpose(0, 1) for x in (inp.q, inp.k, inp.v)]
+        out, _ = R.attention_varlen_ref(*packed, cu, cu, causal=case.causal, scale=inp.extra.get("scale"),
+                                        upcast=upcast)
+        return out.transpose(0, 1)[None]
     mask = None
     if case.op == "sparse":
         mask = MASKS.dense(case.mask, case.B, case.N, case.H, inp.q.device)
@@ -446,9 +506,13 @@ def base_row(provider_name: str, case: Case, sweep: str) -> dict:
 
 
 def case_flops(case: Case, density: Optional[float]) -> Tuple[float, str]:
-    """FLOPs of a case and the rule used (softmax rule for 'softmax' / 'sparse', linear rule for 'lightning')."""
+    """FLOPs of a case and the rule used (softmax rule for 'softmax' / 'sparse', linear rule for 'lightning',
+    the softmax rule at density Σ len_i² / N² for 'varlen')."""
     if case.op == "lightning":
         return linear_flops(case.B, case.H, case.N, case.D, case.dv, case.mode), LINEAR_RULE
+    if case.op == "varlen":
+        d = doc_density(case.mask, case.N) if density is None else density
+        return softmax_flops(case.B, case.H, case.N, case.D, case.dv, case.mode, case.causal, d), VARLEN_RULE
     d = 1.0 if density is None else density
     return softmax_flops(case.B, case.H, case.N, case.D, case.dv, case.mode, case.causal, d), SOFTMAX_RULE
 

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.measure import LINEAR_RULE, SOFTMAX_RULE  # noqa: E402
+from bench.measure import LINEAR_RULE, SOFTMAX_RULE, VARLEN_RULE  # noqa: E402
 
 _STYLE: Dict[str, dict] = {}
 _COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -186,9 +186,55 @@ def plot_lightning(rows: Sequence[dict], out: str) -> List[str]:
     return files
 
 
+def plot_varlen(rows: Sequence[dict], out: str) -> List[str]:
+    """Per (dtype, mode): panels per (causal, D) of TFLOP/s (useful FLOPs) per provider, grouped bars per
+    packed row (N and document recipe)."""
+    rows = [r for r in _ok(rows) if r["sweep"] == "varlen"]
+    files = []
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["dtype"], r["mode"])].append(r)
+    for (dtype, mode), grp in sorted(groups.items()):
+        panels = sorted({(r["causal"], r["D"]) for r in grp})
+        nr, nc = _panels(panels)
+        fig, axes = plt.subplots(nr, nc, figsize=(6.5 * nc, 4.4 * nr), squeeze=False)
+        for ax, (causal, D) in zip(axes.flat, panels):
+            sub = [r for r in grp if r["causal"] == causal and r["D"] == D]
+            xs = sorted({(r["N"], r["mask"]) for r in sub})
+            provs = sorted({r["provider"] for r in sub}, key=lambda p: (not p.startswith("tileattn-varlen"), p))
+            w = 0.8 / len(provs)
+            for j, prov in enumerate(provs):
+                by_x = {(r["N"], r["mask"]): r["tflops"] for r in sub if r["provider"] == prov}
+                pos = [i + (j - (len(provs) - 1) / 2) * w for i, x in enumerate(xs) if x in by_x]
+                vals = [by_x[x] for x in xs if x in by_x]
+                bars = ax.bar(pos, vals, width=w, label=prov, color=style(prov)["color"])
+                ax.bar_label(bars, fmt="%.0f", fontsize=7)
+            labels = []
+            for N, mask in xs:
+                r = next(r for r in sub if (r["N"], r["mask"]) == (N, mask))
+                docs = f"\n{r['docs']} docs ≤ {r['max_doc']}" if r.get("docs") else ""
+                labels.append(f"N={_len_label(N)} {mask}{docs}")
+            ax.set_xticks(range(len(xs)))
+            ax.set_xticklabels(labels, fontsize=8)
+            ax.set_title(f"varlen {mode} {'causal' if causal else 'non-causal'} D={D} H={sub[0]['H']} {dtype}: "
+                         "packed vs padded vs document mask", fontsize=9)
+            ax.set_ylabel("TFLOP/s (useful FLOPs)")
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        _footer(fig, grp, VARLEN_RULE)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        path = os.path.join(out, f"varlen_tflops_{mode}_{dtype}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
 def plot_all(rows: Sequence[dict], out: str) -> List[str]:
     os.makedirs(out, exist_ok=True)
-    return plot_softmax(rows, out) + plot_sparse(rows, out) + plot_lightning(rows, out)
+    return plot_softmax(rows, out) + plot_sparse(rows, out) + plot_lightning(rows, out) + plot_varlen(rows, out)
 
 
 def plot_bars(labels: Sequence[str], series: Dict[str, Sequence[float]], title: str, xlabel: str, path: str,

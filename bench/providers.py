@@ -27,7 +27,7 @@ class Built:
 
 class Provider:
     """Base class. ``name``: short id used in results and plots; ``ops``: which case ops it computes
-    ('softmax', 'sparse', 'lightning'); ``ours``: a tileattn kernel (must launch Triton kernels)."""
+    ('softmax', 'sparse', 'lightning', 'varlen'); ``ours``: a tileattn kernel (must launch Triton kernels)."""
 
     name = "?"
     ops: tuple = ()
@@ -183,7 +183,7 @@ class Flex(Provider):
     tileattn: causal / block-sparse predicates become FlexAttention block masks (block size 128)."""
 
     name = "flex"
-    ops = ("softmax", "sparse")
+    ops = ("softmax", "sparse", "varlen")
     gate_n = 256  # gate at a block multiple (FlexAttention's own tests use multiples of 128)
 
     def unavailable(self):
@@ -216,7 +216,11 @@ class Flex(Provider):
         q, k, v = inp.q, inp.k, inp.v
         fn = self._compiled()
         bm = None
-        if case.op == "sparse":
+        if case.op == "varlen":  # document (-causal) mask on the packed (1, H, N, D) row
+            from bench.measure import varlen_mask
+
+            bm = masks.flex(varlen_mask(case), case.N, case.H, q.device)
+        elif case.op == "sparse":
             bm = masks.flex(case.mask, case.N, case.H, q.device)
         elif case.causal:
             bm = masks.flex("causal", case.N, case.H, q.device)
@@ -248,6 +252,114 @@ class Naive(Provider):
         causal = case.causal
         scale = inp.extra.get("scale")
         return Built(lambda: attention_ref(q, k, v, causal=causal, mask=mask, scale=scale)[0], [q, k, v])
+
+
+# ------------------------------------------------------------------------------------------------ varlen
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """(1, H, N, D) -> the (N, H, D) packed layout of ``attention_varlen`` (a view)."""
+    return x[0].transpose(0, 1)
+
+
+class TileattnVarlen(Provider):
+    """``tileattn.attention_varlen`` on the packed documents of a 'varlen' case (cu_seqlens from the case,
+    max_seqlen passed as ints). Timed without the host-side cu_seqlens check (``TILEATTN_VARLEN_CHECKS=0``,
+    as under torch.compile / CUDA graphs): the benchmark's cu_seqlens are valid by construction."""
+
+    name = "tileattn-varlen"
+    ops = ("varlen",)
+    ours = True
+
+    def unavailable(self):
+        try:
+            import tileattn
+        except Exception as e:
+            return f"tileattn does not import: {e}"
+        if not hasattr(tileattn, "attention_varlen"):
+            return "tileattn.attention_varlen not available yet"
+        return None
+
+    def context(self, case):
+        import os
+        from unittest import mock
+
+        return mock.patch.dict(os.environ, {"TILEATTN_VARLEN_CHECKS": "0"})
+
+    def build(self, case, inp, masks, for_gate):
+        import tileattn
+
+        from bench.measure import cu_seqlens, doc_lengths
+
+        lens = doc_lengths(case.mask, case.N)
+        cu, mx = cu_seqlens(lens, inp.q.device), max(lens)
+        causal, scale = case.causal, inp.extra.get("scale")
+
+        def attn(q, k, v):
+            return tileattn.attention_varlen(q, k, v, cu, cu, mx, mx, causal=causal, scale=scale)
+
+        if for_gate:
+            q, k, v = inp.q, inp.k, inp.v
+            return Built(lambda: attn(_packed(q), _packed(k), _packed(v)).transpose(0, 1)[None], [q, k, v])
+        req = inp.q.requires_grad
+        q, k, v = [_packed(x).detach().contiguous().requires_grad_(req) for x in (inp.q, inp.k, inp.v)]
+        return Built(lambda: attn(q, k, v), [q, k, v])
+
+
+class PaddedVarlen(Provider):
+    """The documents of a 'varlen' case right-padded to the longest one: a (ndocs, H, max_len, D) batch through
+    a dense causal kernel (tileattn.attention or SDPA's flash backend). With Nq = Nk and right padding the
+    causal mask keeps every real query away from the padding, so the real rows are exact (the gate compares
+    only those); padded rows are computed and thrown away, which is the waste varlen avoids. Non-causal
+    would need a key-padding mask: skipped."""
+
+    ops = ("varlen",)
+
+    def __init__(self, backend: str):
+        self.backend = backend  # "tileattn" | "sdpa-flash"
+        self.name = f"{backend}-padded"
+        self.ours = backend == "tileattn"
+        self.cpu_ok = not self.ours
+
+    def unavailable(self):
+        if self.ours:
+            return TileattnSoftmax().unavailable()
+        return SDPA("flash").unavailable()
+
+    def skip(self, case):
+        if not case.causal:
+            return "right-padded documents need a key-padding mask without causal (not in this provider)"
+        return None
+
+    def context(self, case):
+        return contextlib.nullcontext() if self.ours else SDPA("flash").context(case)
+
+    def build(self, case, inp, masks, for_gate):
+        from bench.measure import doc_lengths
+
+        lens = doc_lengths(case.mask, case.N)
+        L, scale = max(lens), inp.extra.get("scale")
+        if self.ours:
+            import tileattn
+
+            def attn(q, k, v):
+                return tileattn.attention(q, k, v, causal=True, scale=scale)
+        else:
+            def attn(q, k, v):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+        def pad(x):  # (1, H, N, D) -> (ndocs, H, L, D), zeros after each document
+            return torch.stack([F.pad(d, (0, 0, 0, L - d.shape[1])) for d in x[0].split(lens, dim=1)])
+
+        if for_gate:
+            q, k, v = inp.q, inp.k, inp.v
+
+            def fn():
+                o = attn(pad(q), pad(k), pad(v))
+                return torch.cat([o[i, :, :n] for i, n in enumerate(lens)], dim=1)[None]
+
+            return Built(fn, [q, k, v])
+        req = inp.q.requires_grad
+        q, k, v = [pad(x.detach()).requires_grad_(req) for x in (inp.q, inp.k, inp.v)]
+        return Built(lambda: attn(q, k, v), [q, k, v])
 
 
 # ------------------------------------------------------------------------------------------------ linear
@@ -320,7 +432,7 @@ class LightningAttnPkg(Provider):
 def all_providers() -> Dict[str, Provider]:
     ps = [TileattnSoftmax(), TileattnLightning(), SDPA("flash"), SDPA("efficient"), SDPA("cudnn"), SDPA("math"),
           Flex(), Naive(), FlaSimpleGLA(), LightningAttnPkg()]
-    return {p.name: p for p in ps}
+    return {p.name: p for p in ps + [TileattnVarlen(), PaddedVarlen("tileattn"), PaddedVarlen("sdpa-flash")]}
 
 
 # which providers each sweep runs, and the op each computes there (the lightning sweep compares against
@@ -333,6 +445,12 @@ SWEEP_PROVIDERS = {
     "lightning": [("tileattn-lightning", "lightning"), ("fla-simple-gla", "lightning"),
                   ("lightning-attn", "lightning"), ("tileattn", "softmax"), ("sdpa-flash", "softmax")],
 }
+
+
+# the varlen sweep: one packed row of mixed-length documents, against the same documents padded to a batch
+# and FlexAttention with a document mask
+SWEEP_PROVIDERS["varlen"] = [("tileattn-varlen", "varlen"), ("tileattn-padded", "varlen"), ("flex", "varlen"),
+                             ("sdpa-flash-padded", "varlen")]
 
 
 def series_name(provider: str, sweep: str, op: str) -> str:

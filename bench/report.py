@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
-from bench.measure import LINEAR_RULE, SOFTMAX_RULE
+from bench.measure import LINEAR_RULE, SOFTMAX_RULE, VARLEN_RULE
 
 
 def _ok(rows):
@@ -121,8 +121,30 @@ def render_lightning(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_varlen(rows: Sequence[dict]) -> str:
+    """tileattn-varlen TFLOP/s per packed row and its ratio to every other provider of the varlen sweep."""
+    rows = [r for r in _ok(rows) if r["sweep"] == "varlen"]
+    if not rows:
+        return ""
+    others = sorted({r["provider"] for r in rows} - {"tileattn-varlen"})
+    by = defaultdict(dict)
+    for r in rows:
+        by[(r["dtype"], r["mode"], r["causal"], r["D"], r["N"], r["mask"])][r["provider"]] = r
+    lines = ["| dtype | mode | causal | D | N | documents | tileattn-varlen TFLOP/s | "
+             + " | ".join(f"vs {p}" for p in others) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(others)]
+    for (dt, mode, causal, D, N, mask), provs in sorted(by.items()):
+        ours = provs.get("tileattn-varlen")
+        if not ours:
+            continue
+        docs = f"{mask}: {ours['docs']} ≤ {ours['max_doc']}" if ours.get("docs") else mask
+        cells = [f"{ours['tflops'] / provs[p]['tflops']:.2f}×" if p in provs else "—" for p in others]
+        lines.append(f"| {dt} | {mode} | {'yes' if causal else 'no'} | {D} | {_len(N)} | {docs} | "
+                     f"{ours['tflops']:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def render_summary(rows: Sequence[dict], image_dir: Optional[str] = None, detail: bool = False) -> str:
-    """Markdown: provenance, FLOP rules, the three tables and (with ``image_dir``) the plots."""
+    """Markdown: provenance, FLOP rules, the tables and (with ``image_dir``) the plots."""
     ok = _ok(rows)
     if not ok:
         return "No timed measurements in this results file (timings need a GPU).\n"
@@ -133,10 +155,11 @@ def render_summary(rows: Sequence[dict], image_dir: Optional[str] = None, detail
             f"(commit {r0.get('commit') or '?'}), {min(r['time'] for r in ok)[:10]}. Medians of "
             "`triton.testing.do_bench`. Ratios: tileattn TFLOP/s / other TFLOP/s (> 1: tileattn faster); "
             "geometric mean over lengths (min–max).")
-    parts = [head, "", f"- {SOFTMAX_RULE}", f"- {LINEAR_RULE}", ""]
+    parts = [head, "", f"- {SOFTMAX_RULE}", f"- {LINEAR_RULE}", f"- {VARLEN_RULE}", ""]
     for title, body in (("Softmax attention", render_softmax(rows, detail)),
                         ("Block-sparse (time vs block density)", render_sparse(rows)),
-                        ("Lightning (time vs length)", render_lightning(rows))):
+                        ("Lightning (time vs length)", render_lightning(rows)),
+                        ("Varlen (packed documents, useful TFLOP/s)", render_varlen(rows))):
         if body:
             parts += [f"**{title}**", "", body, ""]
     if image_dir is not None:
@@ -156,6 +179,8 @@ def _pngs_for(rows):
             names.append(f"sparse_time_vs_density_{r['mode']}_{r['dtype']}.png")
         elif r["sweep"] == "lightning":
             names.append(f"lightning_time_vs_length_{r['dtype']}.png")
+        elif r["sweep"] == "varlen":
+            names.append(f"varlen_tflops_{r['mode']}_{r['dtype']}.png")
     return names
 
 
