@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_session.sh OUT STAGE
 #
-# STAGE: check | tests | bench-softmax | bench-sparse | bench-lightning | all
+# STAGE: check | tests | bench-softmax | bench-sparse | bench-lightning | bench-varlen | all
 # Every stage first installs this checkout with no package index (python -m pip install --no-index
 # --no-build-isolation --no-deps -e .: torch, Triton and setuptools must already be installed) and writes
 # device, driver, torch, Triton and CUDA versions to OUT/env.txt. Each stage's main command runs under
@@ -15,10 +15,11 @@
 #   bench-softmax    softmax fwd/bwd, bf16, D 64/128, causal and not, N 512..16k  -> OUT/bench-softmax/
 #   bench-sparse     block-sparse densities + windows at N 8k/16k, dense baselines -> OUT/bench-sparse/
 #   bench-lightning  lightning fwd/bwd N 1k..64k vs causal softmax (+ fla)       -> OUT/bench-lightning/
+#   bench-varlen     packed mixed-length documents (16k tokens) vs padded and Flex -> OUT/bench-varlen/
 #   all              every stage above, in that order
 set -uo pipefail
 
-STAGES="check tests bench-softmax bench-sparse bench-lightning"
+STAGES="check tests bench-softmax bench-sparse bench-lightning bench-varlen"
 usage() {
   echo "usage: bash scripts/gpu_session.sh OUT STAGE   (STAGE: ${STAGES// / | } | all)" >&2
   exit 2
@@ -112,6 +113,10 @@ stage_bench-sparse() {
 stage_bench-lightning() {
   bench bench-lightning --ops lightning --lengths 1k,2k,4k,8k,16k,32k,64k \
       --providers tileattn-lightning,fla-simple-gla,lightning-attn,tileattn,sdpa-flash
+}
+
+stage_bench-varlen() {
+  bench bench-varlen --ops varlen --lengths 16k
 }
 
 rc=0
