@@ -285,7 +285,9 @@ def _block_bwd(do, q, k, v, out, lse, dlse, scale: float, left: int, right: int)
     if use_triton(q, "ring_attention"):
         from tileattn.kernels.attention import attention_backward
 
-        return attention_backward(do, q, k, v, out, lse, scale=scale, left=left, right=right, dlse=dlse)
+        # the launcher indexes lse / dlse as contiguous (B, H, Nq) rows: a row slice must be copied
+        return attention_backward(do, q, k, v, out, lse.contiguous(), scale=scale, left=left, right=right,
+                                  dlse=dlse)
     f = torch.float64
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
