@@ -95,27 +95,37 @@ def _norm_dim(x: torch.Tensor, dim: int) -> int:
     return dim % x.dim()
 
 
+def _all_gather(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    """(world, *x.shape): every rank's ``x``."""
+    x = x.contiguous()
+    out = x.new_empty((world,) + tuple(x.shape))
+    dist.all_gather(list(out.unbind(0)), x, group=group)
+    return out
+
+
+def _sum_own_slot(g: torch.Tensor, group, rank: int) -> torch.Tensor:
+    """The backward of :func:`_all_gather`: the sum over ranks of slot ``rank`` of ``g`` (world, ...)
+    (reduce-scatter on NCCL, an all-reduce elsewhere: gloo has no reduce-scatter)."""
+    g = g.contiguous()
+    if dist.get_backend(group) == "nccl":
+        mine = g.new_empty(g.shape[1:])
+        dist.reduce_scatter_tensor(mine, g, group=group)
+        return mine
+    dist.all_reduce(g, group=group)
+    return g[rank].clone()
+
+
 class _AllGather(torch.autograd.Function):
-    """Differentiable all-gather into a stacked (world, ...) tensor. Backward: each rank gets the sum over
-    ranks of the gradients of its slot (reduce-scatter on NCCL, an all-reduce elsewhere, e.g. gloo)."""
+    """Differentiable :func:`_all_gather`."""
 
     @staticmethod
     def forward(ctx, x, group, world, rank):
-        ctx.group, ctx.world, ctx.rank = group, world, rank
-        x = x.contiguous()
-        out = x.new_empty((world,) + tuple(x.shape))
-        dist.all_gather(list(out.unbind(0)), x, group=group)
-        return out
+        ctx.group, ctx.rank = group, rank
+        return _all_gather(x, group, world)
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous()
-        if dist.get_backend(ctx.group) == "nccl":
-            mine = g.new_empty(g.shape[1:])
-            dist.reduce_scatter_tensor(mine, g, group=ctx.group)
-            return mine, None, None, None
-        dist.all_reduce(g, group=ctx.group)
-        return g[ctx.rank].clone(), None, None, None
+        return _sum_own_slot(g, ctx.group, ctx.rank), None, None, None
 
 
 def shard_sequence(x: torch.Tensor, group=None, layout: str = "zigzag", dim: int = 2) -> torch.Tensor:
@@ -502,6 +512,33 @@ def ring_attention(
 # ----------------------------------------------------------------------------------------------------
 # Lightning attention with state passing (LASP-2)
 # ----------------------------------------------------------------------------------------------------
+class _StatePrefix(torch.autograd.Function):
+    """LASP-2 state exchange: all-gather every rank's end state S_j (zero initial state; rank 0's includes the
+    user's initial state) and return this rank's prefix ``P_r = sum_{j<r} lam_n^(r-1-j) S_j`` (zeros on rank
+    0). Backward: ``dS_j = sum_{r>j} lam_n^(r-1-j) dP_r``, summed over ranks (one all-reduce / reduce-scatter
+    of world x B x H x D x Dv fp32). Every rank applies the prefix (rank 0 its zeros) so that every rank's
+    backward reaches the collective."""
+
+    @staticmethod
+    def forward(ctx, state, lam_n, group, world, rank):
+        ctx.group, ctx.world, ctx.rank = group, world, rank
+        gathered = _all_gather(state, group, world)
+        prefix = torch.zeros_like(state)
+        for j in range(rank):
+            prefix = lam_n * prefix + gathered[j]
+        ctx.save_for_backward(lam_n)
+        return prefix
+
+    @staticmethod
+    def backward(ctx, dprefix):
+        (lam_n,) = ctx.saved_tensors
+        dg = dprefix.new_zeros((ctx.world,) + tuple(dprefix.shape))
+        for j in range(ctx.rank - 1, -1, -1):
+            dg[j] = dprefix
+            dprefix = lam_n * dprefix
+        return _sum_own_slot(dg, ctx.group, ctx.rank), None, None, None, None
+
+
 def lightning_attention_cp(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -552,14 +589,10 @@ def lightning_attention_cp(
         scale = check_scale(scale, D)
         rates = (torch.zeros(H, device=q.device) if decay is None
                  else decay.detach().reshape(H).to(device=q.device, dtype=torch.float32))
-        states = _AllGather.apply(state, group, world, rank)  # (world, B, H, D, Dv) end states, fp32
         lam_n = torch.exp(-rates * n).view(1, H, 1, 1)
-        if rank > 0:
-            prefix = states[0]
-            for j in range(1, rank):
-                prefix = lam_n * prefix + states[j]
-            t = torch.arange(1, n + 1, device=q.device, dtype=torch.float32)
-            w = torch.exp(-rates[:, None] * t[None, :]).view(1, H, n, 1)
-            out = (out.float() + scale * torch.matmul(q.float() * w, prefix)).to(q.dtype)
-            state = lam_n * prefix + state
+        prefix = _StatePrefix.apply(state, lam_n, group, world, rank)  # zero on rank 0 (kept in the graph)
+        t = torch.arange(1, n + 1, device=q.device, dtype=torch.float32)
+        w = torch.exp(-rates[:, None] * t[None, :]).view(1, H, n, 1)
+        out = (out.float() + scale * torch.matmul(q.float() * w, prefix)).to(q.dtype)
+        state = lam_n * prefix + state
     return (out, state) if output_final_state else out
