@@ -27,9 +27,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, cases) -> None:
+def _launch(world: int, cases, interpret: bool = True) -> None:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-               TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+               DIST_WORKER_INTERPRET="1" if interpret else "0", OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, WORKER, json.dumps(cases)], env=dict(env, RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = []
@@ -80,6 +80,12 @@ LIGHTNING = [
 ])
 def test_context_parallel(world, cases):
     _launch(world, cases)
+
+
+def test_context_parallel_pytorch_path():
+    """CPU tensors without the interpreter: the per-block float64 PyTorch path (forward and backward)."""
+    _launch(2, [_ring(layout="zigzag", causal=True, Hq=4, Hkv=2), _ring(layout="contiguous", window=[3, 2], n=9),
+                dict(op="lightning")], interpret=False)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
