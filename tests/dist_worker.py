@@ -46,7 +46,7 @@ def _close_to_single(name, ours, single, ref64, ref_lp, dtype):
     assert err <= tol, f"{name}: rel err vs single-process tileattn {err:.3g} > {tol:.3g}"
 
 
-def ring_case(world, rank, *, B=1, Hq=2, Hkv=1, n=10, D=16, Dv=16, dtype="fp32", causal=False, window=None,
+def ring_case(world, rank, group=None, *, B=1, Hq=2, Hkv=1, n=10, D=16, Dv=16, dtype="fp32", causal=False, window=None,
               layout="zigzag", bnhd=False, repeat=False, seed=0):
     dt = DTYPES[dtype]
     N = n * world
@@ -70,13 +70,13 @@ def ring_case(world, rank, *, B=1, Hq=2, Hkv=1, n=10, D=16, Dv=16, dtype="fp32",
         loss.backward()
         refs[name] = (o.detach(), l.detach(), qq.grad, kk.grad, vv.grad)
 
-    shard = lambda x: tdist.shard_sequence(x, layout=layout)  # noqa: E731
+    shard = lambda x: tdist.shard_sequence(x, group=group, layout=layout)  # noqa: E731
     grads = []
     for _ in range(2 if repeat else 1):
         ql, kl, vl = (shard(x).detach().requires_grad_() for x in (q, k, v))
         if bnhd and layout == "contiguous":
             assert not ql.is_contiguous()
-        out_l, lse_l = tdist.ring_attention(ql, kl, vl, causal=causal, window=window, layout=layout,
+        out_l, lse_l = tdist.ring_attention(ql, kl, vl, group=group, causal=causal, window=window, layout=layout,
                                             return_lse=True)
         assert out_l.dtype == dt and out_l.shape == (B, Hq, n, Dv) and lse_l.dtype == torch.float32
         ((out_l.double() * shard(do).double()).sum() + (lse_l.double() * shard(dlse).double()).sum()).backward()
@@ -84,8 +84,8 @@ def ring_case(world, rank, *, B=1, Hq=2, Hkv=1, n=10, D=16, Dv=16, dtype="fp32",
     if repeat:  # deterministic backward: bitwise equal over repeats
         for a, b in zip(*grads):
             assert torch.equal(a, b), "ring_attention backward is not deterministic"
-    out = tdist.unshard_sequence(out_l.detach(), layout=layout)
-    lse = tdist.unshard_sequence(lse_l.detach(), layout=layout)
+    out = tdist.unshard_sequence(out_l.detach(), group=group, layout=layout)
+    lse = tdist.unshard_sequence(lse_l.detach(), group=group, layout=layout)
     ours = {"out": out, "lse": lse, "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
     for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
         r64, rlp, single = (refs[x][i] for x in ("64", "lp", "single"))
@@ -95,7 +95,7 @@ def ring_case(world, rank, *, B=1, Hq=2, Hkv=1, n=10, D=16, Dv=16, dtype="fp32",
         _close_to_single(f"ring {name} [rank {rank}]", ours[name], single, r64, rlp, dt)
 
 
-def lightning_case(world, rank, *, B=1, H=2, n=9, D=16, Dv=8, dtype="fp32", decay=True, init=True, seed=0):
+def lightning_case(world, rank, group=None, *, B=1, H=2, n=9, D=16, Dv=8, dtype="fp32", decay=True, init=True, seed=0):
     dt = DTYPES[dtype]
     N = n * world
     gen = torch.Generator().manual_seed(seed)
@@ -122,16 +122,17 @@ def lightning_case(world, rank, *, B=1, H=2, n=9, D=16, Dv=8, dtype="fp32", deca
                                                       initial_state=h0, upcast=name == "64")
         refs[name] = (o.detach(), s_end, qq.grad, kk.grad, vv.grad, None if hh is None else hh.grad)
 
-    shard = lambda x: tdist.shard_sequence(x, layout="contiguous")  # noqa: E731
+    shard = lambda x: tdist.shard_sequence(x, group=group, layout="contiguous")  # noqa: E731
     ql, kl, vl = (shard(x).detach().requires_grad_() for x in (q, k, v))
     hl = None if h0 is None else h0.clone().requires_grad_()
-    out_l, state = tdist.lightning_attention_cp(ql, kl, vl, rates, initial_state=hl, output_final_state=True)
+    out_l, state = tdist.lightning_attention_cp(ql, kl, vl, rates, group=group, initial_state=hl,
+                                                output_final_state=True)
     assert out_l.dtype == dt and out_l.shape == (B, H, n, Dv) and state.dtype == torch.float32
     loss = (out_l.double() * shard(do).double()).sum()
     if rank == world - 1:  # the full sequence's final state lives on the last rank
         loss = loss + (state.double() * dS.double()).sum()
     loss.backward()
-    out = tdist.unshard_sequence(out_l.detach(), layout="contiguous")
+    out = tdist.unshard_sequence(out_l.detach(), group=group, layout="contiguous")
     ours = {"out": out, "state": state.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
     for i, name in enumerate(("out", "state", "dq", "dk", "dv")):
         r64, rlp, single = (refs[x][i] for x in ("64", "lp", "single"))
@@ -180,7 +181,15 @@ def main():
     fns = {"ring": ring_case, "lightning": lightning_case, "errors": errors_case}
     for case in cases:
         case = dict(case)
-        fns[case.pop("op")](world, rank, **case)
+        op, groups = case.pop("op"), case.pop("groups", None)
+        if groups is None:
+            fns[op](world, rank, **case)
+            continue
+        # sub-groups (e.g. [[0, 2], [1, 3]]: context parallelism inside each, as with data x context parallel);
+        # every rank creates every group, in the same order
+        made = [dist.new_group(g) for g in groups]
+        mine = next(i for i, g in enumerate(groups) if rank in g)
+        fns[op](dist.get_world_size(made[mine]), dist.get_rank(made[mine]), made[mine], **case)  # (sorted ranks)
     dist.barrier()
     dist.destroy_process_group()
 

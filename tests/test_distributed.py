@@ -62,8 +62,10 @@ RING_W2 = [
 RING_W4 = [
     _ring(layout="contiguous", causal=True, n=6, Hq=2, Hkv=1),
     _ring(layout="zigzag", causal=True, n=6, Hq=4, Hkv=2),
-    _ring(layout="zigzag", causal=False, n=4, bnhd=True),
+    _ring(layout="zigzag", causal=False, n=4, bnhd=True, dtype="fp16"),
     _ring(layout="contiguous", causal=True, window=[5, -1], n=5),
+    _ring(layout="zigzag", causal=True, window=[2, -1], n=2),  # chunks of one token
+    _ring(layout="zigzag", causal=True, n=6, Hq=2, Hkv=1, groups=[[0, 2], [1, 3]]),  # two rings of 2 ranks
 ]
 LIGHTNING = [
     dict(op="lightning"),
@@ -76,7 +78,8 @@ LIGHTNING = [
     pytest.param(2, RING_W2, id="ring-w2"),
     pytest.param(4, RING_W4, id="ring-w4"),
     pytest.param(2, LIGHTNING + [dict(op="errors")], id="lightning-errors-w2"),
-    pytest.param(4, LIGHTNING[:1] + [dict(op="errors")], id="lightning-errors-w4"),
+    pytest.param(4, LIGHTNING[:1] + [dict(op="lightning", groups=[[3, 1], [0, 2]]), dict(op="errors")],
+                 id="lightning-errors-w4"),
 ])
 def test_context_parallel(world, cases):
     _launch(world, cases)
