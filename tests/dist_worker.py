@@ -9,9 +9,11 @@ out / lse / states / every gradient against the float64 reference of the full se
 """
 import os
 
-# before triton / tileattn are imported: kernels run on CPU tensors under the interpreter; the test sets
-# DIST_WORKER_INTERPRET=0 to cover tileattn's PyTorch (float64) path instead
-os.environ["TRITON_INTERPRET"] = os.environ.get("DIST_WORKER_INTERPRET", "1")
+# DIST_WORKER_DEVICE=cuda: NCCL, one GPU per rank (the gpu-marked test). Otherwise gloo on CPU, where the
+# kernels run under the interpreter (set before triton / tileattn are imported), or, with
+# DIST_WORKER_INTERPRET=0, tileattn's PyTorch (float64) path.
+DEV = os.environ.get("DIST_WORKER_DEVICE", "cpu")
+os.environ["TRITON_INTERPRET"] = "0" if DEV == "cuda" else os.environ.get("DIST_WORKER_INTERPRET", "1")
 
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -22,7 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import assert_close, rel_err, FLOOR  # noqa: E402
+from helpers import FLOOR, TF32_FLOOR, assert_close, rel_err  # noqa: E402
 
 import tileattn  # noqa: E402
 from tileattn import distributed as tdist  # noqa: E402
@@ -35,13 +37,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _randn(gen, *shape, dtype, bnhd=False):
     if bnhd:  # a non-contiguous (B, H, N, D) view of a (B, N, H, D) buffer
         b, h, n, d = shape
-        return torch.randn(b, n, h, d, generator=gen).to(dtype).transpose(1, 2)
-    return torch.randn(*shape, generator=gen).to(dtype)
+        return torch.randn(b, n, h, d, generator=gen).to(DEV, dtype).transpose(1, 2)
+    return torch.randn(*shape, generator=gen).to(DEV, dtype)
+
+
+def _floor(dtype):
+    """The dtype's floor; fp32 on a GPU runs TF32 dots (documented), so its floor is TF32's."""
+    return TF32_FLOOR if DEV == "cuda" and dtype == torch.float32 else FLOOR[dtype]
 
 
 def _close_to_single(name, ours, single, ref64, ref_lp, dtype):
     """Also equal (same tolerance) to the single-process tileattn op on the full sequence."""
-    tol = 2 * rel_err(ref_lp, ref64) + FLOOR[dtype]
+    tol = 2 * rel_err(ref_lp, ref64) + _floor(dtype)
     err = rel_err(ours, single)
     assert err <= tol, f"{name}: rel err vs single-process tileattn {err:.3g} > {tol:.3g}"
 
@@ -54,8 +61,8 @@ def ring_case(world, rank, group=None, *, B=1, Hq=2, Hkv=1, n=10, D=16, Dv=16, d
     q = _randn(gen, B, Hq, N, D, dtype=dt, bnhd=bnhd)
     k = _randn(gen, B, Hkv, N, D, dtype=dt, bnhd=bnhd)
     v = _randn(gen, B, Hkv, N, Dv, dtype=dt, bnhd=bnhd)
-    do = torch.randn(B, Hq, N, Dv, generator=gen).to(dt)
-    dlse = torch.randn(B, Hq, N, generator=gen)
+    do = torch.randn(B, Hq, N, Dv, generator=gen).to(DEV, dt)
+    dlse = torch.randn(B, Hq, N, generator=gen).to(DEV)
     window = None if window is None else tuple(window)
 
     # full-sequence references: float64, same-dtype PyTorch, single-process tileattn
@@ -91,7 +98,7 @@ def ring_case(world, rank, group=None, *, B=1, Hq=2, Hkv=1, n=10, D=16, Dv=16, d
         r64, rlp, single = (refs[x][i] for x in ("64", "lp", "single"))
         if i >= 2:
             r64, rlp, single = shard(r64), shard(rlp), shard(single)
-        assert_close(f"ring {name} [rank {rank}]", ours[name], r64, rlp, dtype=dt)
+        assert_close(f"ring {name} [rank {rank}]", ours[name], r64, rlp, dtype=dt, floor=_floor(dt))
         _close_to_single(f"ring {name} [rank {rank}]", ours[name], single, r64, rlp, dt)
 
 
@@ -101,10 +108,10 @@ def lightning_case(world, rank, group=None, *, B=1, H=2, n=9, D=16, Dv=8, dtype=
     gen = torch.Generator().manual_seed(seed)
     q, k = (_randn(gen, B, H, N, D, dtype=dt) for _ in range(2))
     v = _randn(gen, B, H, N, Dv, dtype=dt)
-    h0 = torch.randn(B, H, D, Dv, generator=gen) if init else None
-    rates = tileattn.lightning_decay_rates(H) * 0.25 if decay else None
-    do = torch.randn(B, H, N, Dv, generator=gen).to(dt)
-    dS = torch.randn(B, H, D, Dv, generator=gen)
+    h0 = torch.randn(B, H, D, Dv, generator=gen).to(DEV) if init else None
+    rates = tileattn.lightning_decay_rates(H, device=DEV) * 0.25 if decay else None
+    do = torch.randn(B, H, N, Dv, generator=gen).to(DEV, dt)
+    dS = torch.randn(B, H, D, Dv, generator=gen).to(DEV)
     end = (rank + 1) * n  # this rank's end state is the state after token end - 1
 
     refs = {}
@@ -138,12 +145,13 @@ def lightning_case(world, rank, group=None, *, B=1, H=2, n=9, D=16, Dv=8, dtype=
         r64, rlp, single = (refs[x][i] for x in ("64", "lp", "single"))
         if i >= 2:
             r64, rlp, single = shard(r64), shard(rlp), shard(single)
-        assert_close(f"lightning_cp {name} [rank {rank}]", ours[name], r64, rlp, dtype=dt)
+        assert_close(f"lightning_cp {name} [rank {rank}]", ours[name], r64, rlp, dtype=dt, floor=_floor(dt))
         if name != "state":  # (the single-process op gives only the full sequence's final state)
             _close_to_single(f"lightning_cp {name} [rank {rank}]", ours[name], single, r64, rlp, dt)
     if init:
         if rank == 0:
-            assert_close("lightning_cp dh0", hl.grad, refs["64"][5], refs["lp"][5], dtype=torch.float32)
+            assert_close("lightning_cp dh0", hl.grad, refs["64"][5], refs["lp"][5], dtype=torch.float32,
+                         floor=_floor(dt))
         else:
             assert hl.grad is None, "initial_state is read on rank 0 only"
 
@@ -158,15 +166,15 @@ def _expect_value_error(fn, match):
 
 
 def errors_case(world, rank):
-    x = torch.randn(1, 2, 4 * world, 16)
+    x = torch.randn(1, 2, 4 * world, 16, device=DEV)
     _expect_value_error(lambda: tdist.shard_sequence(x, layout="striped"), "unknown shard layout")
     _expect_value_error(lambda: tdist.shard_sequence(x[:, :, :2 * world + 1]), "multiple of")
-    odd = torch.randn(1, 2, 5, 16)
+    odd = torch.randn(1, 2, 5, 16, device=DEV)
     _expect_value_error(lambda: tdist.ring_attention(odd, odd, odd, layout="zigzag"), "even local length")
     _expect_value_error(lambda: tdist.ring_attention(odd, odd, odd, layout="rows"), "unknown shard layout")
     # lengths that differ across ranks: the same ValueError on every rank (no hang)
     n = 4 if rank == 0 else 6
-    y = torch.randn(1, 2, n, 16)
+    y = torch.randn(1, 2, n, 16, device=DEV)
     _expect_value_error(lambda: tdist.ring_attention(y, y, y, layout="contiguous"), "differ across ranks")
     _expect_value_error(lambda: tdist.lightning_attention_cp(y, y, y), "differ across ranks")
     _expect_value_error(lambda: tdist.unshard_sequence(y, layout="contiguous"), "differ across ranks")
@@ -176,7 +184,9 @@ def main():
     cases = json.loads(sys.argv[1])
     warnings.filterwarnings("ignore", message=".*slow PyTorch reference path")
     set_poison(True)  # kernel output buffers start as NaN: an unwritten element fails the checks
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    if DEV == "cuda":
+        torch.cuda.set_device(int(os.environ["RANK"]))
+    dist.init_process_group("nccl" if DEV == "cuda" else "gloo", timeout=timedelta(seconds=120))
     world, rank = dist.get_world_size(), dist.get_rank()
     fns = {"ring": ring_case, "lightning": lightning_case, "errors": errors_case}
     for case in cases:

@@ -27,9 +27,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, cases, interpret: bool = True) -> None:
+def _launch(world: int, cases, interpret: bool = True, device: str = "cpu") -> None:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-               DIST_WORKER_INTERPRET="1" if interpret else "0", OMP_NUM_THREADS="1")
+               DIST_WORKER_INTERPRET="1" if interpret else "0", DIST_WORKER_DEVICE=device, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, WORKER, json.dumps(cases)], env=dict(env, RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = []
@@ -126,3 +126,14 @@ def test_zigzag_causal_steps_do_equal_work():
         for calls in sched[1:]:
             (qa, qb, ka, kb, wl, wr), = calls
             assert (qb - qa) * (kb - ka) == n * n // 2 and (wl, wr) == (-1, -1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL, one GPU per rank)")
+def test_context_parallel_nccl():
+    """The same checks with NCCL, one GPU per rank, real kernels (bf16 / fp32-TF32), larger shards."""
+    cases = [_ring(layout="zigzag", causal=True, Hq=8, Hkv=2, n=512, D=128, Dv=128, dtype="bf16", repeat=True),
+             _ring(layout="contiguous", causal=True, window=[300, -1], n=384, D=64, Dv=64, dtype="bf16"),
+             _ring(layout="zigzag", causal=False, n=256, D=80, Dv=80),
+             dict(op="lightning", n=300, D=64, Dv=64, dtype="bf16"), dict(op="errors")]
+    _launch(2, cases, device="cuda")
