@@ -30,6 +30,8 @@ def _free_port() -> int:
 def _launch(world: int, cases, interpret: bool = True, device: str = "cpu") -> None:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
                DIST_WORKER_INTERPRET="1" if interpret else "0", DIST_WORKER_DEVICE=device, OMP_NUM_THREADS="1")
+    if sys.platform == "linux":  # gloo on the loopback device: containers' host names may not resolve
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     procs = [subprocess.Popen([sys.executable, WORKER, json.dumps(cases)], env=dict(env, RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = []
