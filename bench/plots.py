@@ -267,6 +267,8 @@ def plot_decode(rows: Sequence[dict], out: str) -> List[str]:
                     st = style(prov)
                     if prov == "copy":
                         st.update(color="black", linestyle=":")
+                    elif prov.endswith("-contig"):
+                        st["linestyle"] = "--"
                     ax.plot([r["N"] for r in pts], [r[metric] for r in pts], marker="o", label=prov, **st)
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(ns)
