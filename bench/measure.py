@@ -5,8 +5,8 @@ several rotated input sets, so no run finds its inputs in cache. Peak memory is
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` around one call on one input set.
 Before a provider is timed it must pass the correctness gate: at a small size (B=1, H=2, N=257), its output
 (and gradients, for bwd modes) against a float64 PyTorch reference under the flash-attention rule
-``err <= 2 * err(same-dtype PyTorch) + floor`` (``tests/helpers.py``). Decode cases gate at B=3, Hq=8, Hkv=2,
-N=257 keys (forward only); the decode sweep's copy baseline is checked bitwise instead.
+``err <= 2 * err(same-dtype PyTorch) + floor`` (``tests/helpers.py``). Decode cases gate at B=3, Hkv=2 with the
+case's GQA group (Hq=8 for the sweep's 32 / 8), N=257 keys (forward only); the decode sweep's copy baseline is checked bitwise instead.
 """
 from __future__ import annotations
 
@@ -79,12 +79,12 @@ class Case:
         """The correctness-gate version of this case (same flags, small shape; N not a block multiple unless
         ``n`` says otherwise)."""
         n = n or (257 if self.op != "sparse" else 520)
-        if self.op == "decode":  # several sequences, GQA groups of 4, forward only
-            return replace(self, B=3, H=8, Hkv=2, N=n, mode="fwd")
+        if self.op == "decode":  # several sequences, 2 kv heads with the case's GQA group size, forward only
+            return replace(self, B=3, H=2 * (self.H // self.hkv), Hkv=2, N=n, mode="fwd")
         return replace(self, B=1, H=2, N=n, mode="fwdbwd" if self.mode != "fwd" else "fwd")
 
     def key(self) -> tuple:
-        return (self.op, self.dtype, self.D, self.dv, self.causal, self.mask)
+        return (self.op, self.dtype, self.D, self.dv, self.causal, self.mask, self.H // self.hkv)
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
