@@ -1,7 +1,9 @@
 """What ``python -m bench`` does without CUDA: everything that is honest to do without a GPU.
 
 1. The correctness sweep: tileattn's kernels under the Triton interpreter (and the PyTorch SDPA CPU paths,
-   as a check of the harness) at small sizes (varlen: a packed row of mixed-length documents), against the float64 references, with the same gate the GPU
+   as a check of the harness) at small sizes (varlen: a packed row of mixed-length documents; decode: 3 sequences
+   over paged and contiguous caches, equal and ragged lengths, and the copy baseline checked bitwise), against
+   the float64 references, with the same gate the GPU
    run applies before timing. Written to ``correctness.json`` / ``.csv`` and ``correctness.png``.
 2. The kernel resource report (``scripts/kernel_report.py``, in a subprocess without TRITON_INTERPRET):
    registers, spills and shared memory of every shipped config for sm_80 / sm_90. ``kernel_report.json``
@@ -50,6 +52,11 @@ def correctness_cases(quick: bool, dtypes: List[str], head_dims: Optional[List[i
                 cases.append(("tileattn-varlen", Case("varlen", 1, 2, n, D, dt, causal, "fwdbwd", "docs:0")))
             for pname in ("tileattn-padded", "sdpa-flash-padded"):
                 cases.append((pname, Case("varlen", 1, 2, n, D, dt, True, "fwdbwd", "docs:0")))
+            # decode: one query per sequence over a cache of n keys, GQA 8 / 2 (bench.measure.decode_inputs)
+            for pname in ("tileattn-kvcache", "tileattn-kvcache-contig", "sdpa-math"):
+                for m in ("", "ragged:0"):
+                    cases.append((pname, Case("decode", 3, 8, n, D, dt, False, "fwd", m, Hkv=2)))
+            cases.append(("copy", Case("decode", 3, 8, n, D, dt, False, "fwd", "ragged:0", Hkv=2)))
     return cases
 
 

@@ -27,7 +27,8 @@ class Built:
 
 class Provider:
     """Base class. ``name``: short id used in results and plots; ``ops``: which case ops it computes
-    ('softmax', 'sparse', 'lightning', 'varlen'); ``ours``: a tileattn kernel (must launch Triton kernels)."""
+    ('softmax', 'sparse', 'lightning', 'varlen', 'decode'); ``ours``: a tileattn kernel (must launch Triton
+    kernels)."""
 
     name = "?"
     ops: tuple = ()
@@ -121,9 +122,10 @@ _SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"
 
 class SDPA(Provider):
     """``torch.nn.functional.scaled_dot_product_attention`` pinned to one backend with ``sdpa_kernel``.
-    For 'sparse' cases it takes the dense boolean mask (only backends that accept ``attn_mask``)."""
+    For 'sparse' cases it takes the dense boolean mask (only backends that accept ``attn_mask``); for 'decode'
+    see :func:`_sdpa_decode`."""
 
-    ops = ("softmax", "sparse")
+    ops = ("softmax", "sparse", "decode")
     cpu_ok = True
 
     def __init__(self, backend: str):
@@ -147,6 +149,8 @@ class SDPA(Provider):
         return None
 
     def skip(self, case):
+        if case.op == "decode":
+            return _sdpa_decode_skip(self.backend, case)
         if case.op == "sparse" and self.backend in ("flash", "cudnn"):
             return f"{self.backend} takes no attn_mask"
         if self.backend == "math":
@@ -165,6 +169,8 @@ class SDPA(Provider):
         return sdpa_kernel([self._enum()])
 
     def build(self, case, inp, masks, for_gate):
+        if case.op == "decode":
+            return _sdpa_decode(case, inp)
         q, k, v = inp.q, inp.k, inp.v
         scale = inp.extra.get("scale")
         if case.op == "sparse":
@@ -180,10 +186,12 @@ _FLEX = {}
 
 class Flex(Provider):
     """FlexAttention compiled with ``torch.compile`` (one compile per shape), with the same masks as
-    tileattn: causal / block-sparse predicates become FlexAttention block masks (block size 128)."""
+    tileattn: causal / block-sparse predicates become FlexAttention block masks (block size 128). 'decode': the
+    contiguous cache of L keys with ``enable_gqa``, no block mask at equal lengths, ``kv_idx < L_b`` for ragged
+    ones (FlexAttention's own paged-attention helper is experimental API: not used)."""
 
     name = "flex"
-    ops = ("softmax", "sparse", "varlen")
+    ops = ("softmax", "sparse", "varlen", "decode")
     gate_n = 256  # gate at a block multiple (FlexAttention's own tests use multiples of 128)
 
     def unavailable(self):
@@ -212,10 +220,22 @@ class Flex(Provider):
             _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
         return _FLEX["fn"]
 
+    def skip(self, case):
+        return _decode_memory(case, 1) if case.op == "decode" else None
+
     def build(self, case, inp, masks, for_gate):
         q, k, v = inp.q, inp.k, inp.v
         fn = self._compiled()
         bm = None
+        if case.op == "decode":
+            scale, gqa = inp.extra.get("scale"), case.H != case.hkv
+            if case.mask:  # ragged lengths
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                lens = inp.extra["cache_seqlens"]
+                bm = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < lens[b], case.B, None, 1, case.N,
+                                       device=q.device)
+            return Built(lambda: fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa), [])
         if case.op == "varlen":  # document (-causal) mask on the packed (1, H, N, D) row
             from bench.measure import varlen_mask
 
@@ -362,6 +382,100 @@ class PaddedVarlen(Provider):
         return Built(lambda: attn(q, k, v), [q, k, v])
 
 
+# ------------------------------------------------------------------------------------------------ decode
+def _decode_memory(case, copies: int) -> Optional[str]:
+    """Skip a decode case whose K/V buffer, ``copies`` times over, would not fit in free device memory."""
+    from bench.measure import set_bytes
+
+    need = copies * set_bytes(case)
+    if need > 0.9 * _free_bytes():
+        return f"needs ~{need / 2**30:.0f} GiB for {copies} copies of the {set_bytes(case) / 2**30:.1f} GiB K/V cache"
+    return None
+
+
+def _sdpa_decode_skip(backend: str, case) -> Optional[str]:
+    if case.mask and backend in ("flash", "cudnn"):
+        return f"{backend} takes no attn_mask (needed for ragged cache lengths)"
+    # math expands K / V to the query heads (enable_gqa) on top of the cache itself
+    return _decode_memory(case, 1 + (case.H // case.hkv if backend == "math" else 0))
+
+
+def _sdpa_decode(case, inp) -> Built:
+    """SDPA over the contiguous cache (B, Hkv, L, D) with ``enable_gqa`` and ``is_causal=False`` (Nq = 1 sees
+    every key; SDPA's causal is top-left aligned); ragged lengths as a (B, 1, 1, L) boolean key mask."""
+    q, k, v = inp.q, inp.k, inp.v
+    scale, gqa = inp.extra.get("scale"), case.H != case.hkv
+    mask = None
+    if case.mask:
+        lens = inp.extra["cache_seqlens"]
+        mask = (torch.arange(case.N, device=q.device) < lens[:, None]).view(case.B, 1, 1, case.N)
+    return Built(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa), [])
+
+
+class TileattnKVCache(Provider):
+    """``tileattn.attention_with_kvcache`` on a 'decode' case (forward only): paged caches (page size
+    ``bench.measure.DECODE_PAGE`` = 64, pages shuffled over the pool, :func:`bench.measure.paged_cache`) or the
+    contiguous (B, Hkv, L, D) caches; capacity L, ``cache_seqlens`` from the case, default flags (bottom-right
+    causal: the one query sees every cached key; the number of key splits chosen by the op, no host sync)."""
+
+    ops = ("decode",)
+    ours = True
+
+    def __init__(self, paged: bool):
+        self.paged = paged
+        self.name = "tileattn-kvcache" if paged else "tileattn-kvcache-contig"
+
+    def unavailable(self):
+        try:
+            import tileattn
+        except Exception as e:
+            return f"tileattn does not import: {e}"
+        if not hasattr(tileattn, "attention_with_kvcache"):
+            return "tileattn.attention_with_kvcache not available yet"
+        return None
+
+    def skip(self, case):
+        return _decode_memory(case, 2 if self.paged else 1)  # paged: the pool next to the contiguous inputs
+
+    def build(self, case, inp, masks, for_gate):
+        import tileattn
+
+        from bench.measure import DECODE_PAGE, paged_cache
+
+        q, lens, scale = inp.q, inp.extra["cache_seqlens"], inp.extra.get("scale")
+        kc, vc, table = paged_cache(inp.k, inp.v, DECODE_PAGE) if self.paged else (inp.k, inp.v, None)
+        return Built(lambda: tileattn.attention_with_kvcache(q, kc, vc, lens, block_table=table, scale=scale), [])
+
+
+class Copy(Provider):
+    """The decode sweep's bandwidth yardstick: one device copy ``dst.copy_(src)`` of exactly the K / V bytes
+    the case reads (``bench.measure.decode_kv_bytes``; src = the head of the case's K/V buffer). Its gate
+    checks the copy bitwise; its row's ``gbps`` is (bytes read + bytes written) / time."""
+
+    name = "copy"
+    ops = ("decode",)
+    cpu_ok = True
+
+    def skip(self, case):
+        return _decode_memory(case, 2)
+
+    @staticmethod
+    def expected(case, inp) -> torch.Tensor:
+        from bench.measure import decode_kv_bytes
+
+        kv = inp.extra["kv"]
+        return kv[: decode_kv_bytes(case) // kv.element_size()]
+
+    def build(self, case, inp, masks, for_gate):
+        src = self.expected(case, inp)
+        dst = torch.empty_like(src)
+        return Built(lambda: dst.copy_(src), [])
+
+
+def decode_providers() -> List[Provider]:
+    return [Copy(), TileattnKVCache(paged=True), TileattnKVCache(paged=False)]
+
+
 # ------------------------------------------------------------------------------------------------ linear
 class FlaSimpleGLA(Provider):
     """fla's ``chunk_simple_gla`` (per-head scalar decay; (B, T, H, D) layout, g = log decay per step)."""
@@ -432,7 +546,8 @@ class LightningAttnPkg(Provider):
 def all_providers() -> Dict[str, Provider]:
     ps = [TileattnSoftmax(), TileattnLightning(), SDPA("flash"), SDPA("efficient"), SDPA("cudnn"), SDPA("math"),
           Flex(), Naive(), FlaSimpleGLA(), LightningAttnPkg()]
-    return {p.name: p for p in ps + [TileattnVarlen(), PaddedVarlen("tileattn"), PaddedVarlen("sdpa-flash")]}
+    return {p.name: p for p in ps + [TileattnVarlen(), PaddedVarlen("tileattn"), PaddedVarlen("sdpa-flash")]
+            + decode_providers()}
 
 
 # which providers each sweep runs, and the op each computes there (the lightning sweep compares against
@@ -451,6 +566,13 @@ SWEEP_PROVIDERS = {
 # and FlexAttention with a document mask
 SWEEP_PROVIDERS["varlen"] = [("tileattn-varlen", "varlen"), ("tileattn-padded", "varlen"), ("flex", "varlen"),
                              ("sdpa-flash-padded", "varlen")]
+
+
+# the decode sweep: one query per sequence over a KV cache; the copy baseline first (every other row's
+# bandwidth is a fraction of it, and the sweep always runs it)
+SWEEP_PROVIDERS["decode"] = [("copy", "decode"), ("tileattn-kvcache", "decode"), ("tileattn-kvcache-contig", "decode"),
+                             ("sdpa-flash", "decode"), ("sdpa-efficient", "decode"), ("sdpa-cudnn", "decode"),
+                             ("flex", "decode"), ("sdpa-math", "decode")]
 
 
 def series_name(provider: str, sweep: str, op: str) -> str:
