@@ -429,7 +429,7 @@ def _attn_fwd(
     # mask) start first. Split-KV decoding writes per-split partial (O, LSE) at split strides s_os / s_ls,
     # combined by the launcher.
     # grid (query tile, head, batch * key split): heads and batches on axes 1 / 2 (each < 65536)
-    n_sp = tl.cdiv(Nk, split_keys)
+    n_sp = tl.cdiv(tl.maximum(Nk, 1), split_keys)
     i_m, i_sp = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(2) % n_sp
     i_bh = (tl.program_id(2) // n_sp) * H + tl.program_id(1)
     O += i_sp.to(tl.int64) * s_os
@@ -467,7 +467,7 @@ def _attn_fwd(
             D, BLOCK_D, BLOCK_DV, BLOCK_M)
         w_start, w_end = i_m * BLOCK_M, Nq  # query rows the walk plans for
     if KVCACHE:  # keys: the first cache_seqlens[b] + n_new rows of the cache, clamped to its capacity Nk
-        Nk = tl.minimum(tl.maximum(tl.load(SEQLENS + i_b), 0) + n_new, Nk)
+        Nk = tl.minimum(tl.minimum(tl.maximum(tl.load(SEQLENS + i_b), 0), Nk) + n_new, Nk)
         TBL += i_b64 * s_tb
     if NEG_SCALE:  # the scale's sign goes into q: interior steps need qk_scale >= 0 (max(s) * qk_scale)
         b_q = -b_q
@@ -959,8 +959,8 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
     BD, BDV = next_pow2(D), next_pow2(Dv)
     if count_visits:
         bm = min(INTERPRET_CONFIG[0], bsq) if interpreter_enabled() else None
-        if bm is None:
-            raise ValueError("count_visits is a debug option of the interpreter build")
+        if bm is None or kvcache is not None:
+            raise ValueError("count_visits is a debug option of the interpreter build (not for KV caches)")
         n_tiles = triton.cdiv(Nq, bm) if slots is None else slots(Nq, bm)
         visits = torch.zeros(B * Hq, n_tiles, 2, dtype=torch.int32, device=q.device)
     else:
@@ -1042,7 +1042,7 @@ def _kv_append(
     i_b, i_h = i_bh // Hkv, i_bh % Hkv
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
     o_d = tl.arange(0, BLOCK_D)
-    pos = tl.maximum(tl.load(SEQLENS + i_b), 0) + o_t
+    pos = tl.minimum(tl.maximum(tl.load(SEQLENS + i_b), 0), cap) + o_t  # clamped first: no int32 overflow
     m_t = o_t < n_new
     m_ok = m_t & (pos < cap)
     if PAGE > 0:
@@ -1074,10 +1074,17 @@ def kv_append(x: torch.Tensor, cache: torch.Tensor, cache_seqlens: torch.Tensor,
         cap = block_table.shape[1] * page
         s_c = (0, cache.stride(2), cache.stride(1), cache.stride(0))
         tbl, s_tb, n_pages = block_table, block_table.stride(0), cache.shape[0]
-    BLOCK_T = min(64, next_pow2(n_new))
+    BLOCK_T, warps = _kv_append_config(next_pow2(dim))
+    BLOCK_T = min(BLOCK_T, next_pow2(n_new))
     _kv_append[(triton.cdiv(n_new, BLOCK_T), B * Hkv)](
         x, cache, cache_seqlens, tbl, x.stride(0), x.stride(1), x.stride(2), *s_c, s_tb, Hkv, n_new, cap, n_pages,
-        DIM=dim, BLOCK_T=BLOCK_T, BLOCK_D=next_pow2(dim), PAGE=page, num_warps=4)
+        DIM=dim, BLOCK_T=BLOCK_T, BLOCK_D=next_pow2(dim), PAGE=page, num_warps=warps)
+
+
+def _kv_append_config(block_d: int) -> Tuple[int, int]:
+    """(rows per program, warps) of the append: rows x head dim <= 4096; 8 warps at d256 (AOT-checked
+    spill-free; 4 warps spill there on sm_90)."""
+    return min(64, 4096 // block_d), (8 if block_d >= 256 else 4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1096,8 +1103,11 @@ _VARIANTS = {
     # decoding over a paged KV cache (forward only): GQA-packed query tiles, per-sequence lengths, pages of 128
     "paged": dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30, KVCACHE=True, PAGE=128,
                   PACK_GQA=True),
+    # a contiguous cache (TMA interior loads), one query head per program
+    "kvcache": dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30, KVCACHE=True, PAGE=0,
+                    PACK_GQA=False),
 }
-_FAMILY_VARIANTS = {"sm90": ("dense", "causal", "sparse", "varlen", "paged"), "sm80": ("causal", "sparse"), "mask": ("bias",),
+_FAMILY_VARIANTS = {"sm90": ("dense", "causal", "sparse", "varlen", "paged", "kvcache"), "sm80": ("causal", "sparse"), "mask": ("bias",),
                     "fp32": ("causal", "sparse", "bias")}
 _FAMILY_DTYPES = {"sm90": (torch.float16, torch.bfloat16), "sm80": (torch.float16, torch.bfloat16),
                   "mask": (torch.float16, torch.bfloat16), "fp32": (torch.float32,)}
@@ -1140,7 +1150,7 @@ def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, i
     var = _VARIANTS[variant]
     if var["SPARSE"] and (bm > var["BSQ"] or bn > var["BSK"]):
         return None
-    if bool(var.get("PAGE")) != (tag == "decode"):  # KV-cache variants: the forward with the decode table
+    if bool(var.get("KVCACHE")) != (tag == "decode"):  # KV-cache variants: the forward with the decode table
         return None
     dtype = dtype or _FAMILY_DTYPES[family][-1 if variant == "sparse" else 0]
     kernel = _KERNELS[tag]
@@ -1176,4 +1186,15 @@ def aot_specs() -> List[KernelSpec]:
                         spec = make_spec(tag, family, bucket, config, variant)
                         if spec is not None:
                             specs.append(spec)
+    for dim in (64, 128, 256):  # the KV-cache append, at its widest row block
+        for page in (0, 64):
+            bt, warps = _kv_append_config(dim)
+            sig = {n: ("*fp16" if n in ("X", "CACHE") else "*i32" if n in ("SEQLENS", "TBL") else "i32")
+                   for n in _kv_append.arg_names}
+            cx = dict(DIM=dim, BLOCK_T=bt, BLOCK_D=dim, PAGE=page)
+            for n in cx:
+                sig[n] = "constexpr"
+            specs.append(KernelSpec(f"kv_append[d{dim},{'paged' if page else 'contiguous'}] BT{bt} w{warps}",
+                                    _kv_append, sig, cx, warps, 1, archs=(80, 90), tags=dict(kernel="kv_append", head_dim=dim),
+                                    divisible_16=tuple(n for n in sig if sig[n].startswith("*"))))
     return specs

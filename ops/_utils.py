@@ -216,6 +216,9 @@ def check_cu_seqlens(name: str, cu, total: int, device: torch.device, *, validat
         raise ValueError(f"{name} has {cu.numel() - 1} sequences, expected {nseq} (nseq + 1 = {nseq + 1} entries)")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but the inputs are on {device}")
+    if cu.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous (the kernels read it with unit stride), got stride "
+                         f"{cu.stride(0)}; call .contiguous() on it")
     if not validate:
         return None
     vals = cu.tolist()

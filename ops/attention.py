@@ -286,7 +286,7 @@ def _varlen_checks_enabled() -> bool:
     return os.environ.get("TILEATTN_VARLEN_CHECKS", "1") != "0"
 
 
-def _check_varlen_inputs(q, k, v, cu_q, cu_k, max_q, max_k) -> Tuple[int, int]:
+def _check_varlen_inputs(q, k, v, cu_q, cu_k, max_q, max_k, checked: bool = False) -> Tuple[int, int]:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x, 3)
     check_same([("q", q), ("k", k), ("v", v)])
@@ -296,7 +296,7 @@ def _check_varlen_inputs(q, k, v, cu_q, cu_k, max_q, max_k) -> Tuple[int, int]:
     for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
             raise TypeError(f"{name} must be a non-negative Python int or None, got {m!r}")
-    validate = _varlen_checks_enabled() or max_q is None or max_k is None
+    validate = (_varlen_checks_enabled() and not checked) or max_q is None or max_k is None
     longest_q = check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0], q.device, validate=validate)
     longest_k = check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[0], q.device, validate=validate, nseq=nseq)
     if validate:
@@ -352,9 +352,17 @@ def attention_varlen(
     bad values then give wrong results but never out-of-bounds reads). Work is proportional to the visible
     tile pairs of each sequence; no program touches another sequence's rows.
     """
+    return _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                             window=window, scale=scale, return_lse=return_lse)
+
+
+def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal, window, scale,
+                      return_lse, checked: bool = False):
+    """:func:`attention_varlen`; ``checked``: the caller already validated the cu_seqlens values (the HF
+    integration, once per forward), so no device-to-host copy here."""
     check_bool("return_lse", return_lse)
     left, right = check_window(window, causal)
-    max_q, max_k = _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    max_q, max_k = _check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, checked)
     scale = check_scale(scale, q.shape[-1])
     if not use_triton(q, "attention_varlen"):
         win = None if (left, right) == (-1, -1) else (left, right)

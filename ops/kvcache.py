@@ -30,6 +30,9 @@ def _check_int_tensor(name: str, x, ndim: int, shape0: int, device) -> None:
         raise ValueError(f"{name} must have shape {want} with B = {shape0}, got {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but q is on {device}")
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        raise ValueError(f"{name} must have a unit stride in its last dimension (the kernels read it so), got "
+                         f"strides {tuple(x.stride())}; call .contiguous() on it")
 
 
 def _value_checks_enabled(q: torch.Tensor) -> bool:
@@ -64,6 +67,8 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, k, v, block_table, num_spl
         if page not in PAGE_SIZES:
             raise ValueError(f"page_size (k_cache.shape[1]) must be a power of two in 16..256, got {page}")
         _check_int_tensor("block_table", block_table, 2, B, q.device)
+        if block_table.shape[1] == 0:
+            raise ValueError("block_table must have at least one page per sequence, got shape (B, 0)")
         capacity = block_table.shape[1] * page
     else:
         Bc, Hkv, capacity, Dk = k_cache.shape

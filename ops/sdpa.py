@@ -151,6 +151,8 @@ def _nested_reason(query, key, value, attn_mask) -> Optional[str]:
         return "nested tensors not shaped (B, H, j, D) with the ragged dim third"
     if attn_mask is not None:
         return "an attn_mask with nested tensors"
+    if any(getattr(x, "_lengths", None) is not None for x in (query, key, value)):
+        return "nested tensors with holes (narrowed views: their offsets are not packed rows)"
     return None
 
 

@@ -108,6 +108,12 @@ def bad(**over):
     pytest.param(bad(q=torch.randn(2, 4, 1, 16, device=DEVICE, requires_grad=True)), ValueError, "forward-only",
                  id="autograd"),
     pytest.param(bad(num_splits=0), ValueError, "num_splits", id="splits"),
+    pytest.param(bad(cache_seqlens=torch.tensor([[3, 9], [5, 9]], dtype=torch.int32, device=DEVICE)[:, 0]),
+                 ValueError, "unit stride", id="strided-seqlens"),
+    pytest.param(bad(block_table=torch.tensor([[0, 2], [1, 3]], dtype=torch.int32, device=DEVICE).t()),
+                 ValueError, "unit stride", id="strided-table"),
+    pytest.param(bad(block_table=torch.zeros(2, 0, dtype=torch.int32, device=DEVICE)), ValueError, "at least one page",
+                 id="empty-table"),
 ])
 def test_kvcache_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -123,7 +129,7 @@ def test_kvcache_garbage_table_stays_in_bounds(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     kc, vc, _, _ = make_cache(2, 2, 16, 16, [3, 5], 16, 32, torch.float32, gen)
     table = torch.tensor([[-5, 1000], [3, 1 << 30]], dtype=torch.int32, device=DEVICE)
-    cl = torch.tensor([-7, 1 << 20], dtype=torch.int32, device=DEVICE)
+    cl = torch.tensor([-7, 2 ** 31 - 1], dtype=torch.int32, device=DEVICE)  # int32 max: clamped before + t
     kc0 = kc.clone()
     k = torch.randn(2, 2, 2, 16, device=DEVICE)
     out = tileattn.attention_with_kvcache(torch.randn(2, 4, 1, 16, device=DEVICE), kc, vc, cl, k, k,

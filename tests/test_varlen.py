@@ -178,6 +178,8 @@ def bad_call(**over):
                  ValueError, "multiple", id="heads"),
     pytest.param(bad_call(v=packed(7, 2, 16, torch.float16, False)), ValueError, "same length", id="kv-len"),
     pytest.param(bad_call(cu_seqlens_q=[0, 3, 8]), TypeError, "torch.Tensor", id="list-cu"),
+    pytest.param(bad_call(cu_seqlens_q=torch.tensor([0, 9, 3, 9, 8, 9], dtype=torch.int32, device=DEVICE)[::2]),
+                 ValueError, "contiguous", id="strided-cu"),
 ])
 def test_varlen_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):

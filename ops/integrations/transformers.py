@@ -78,13 +78,25 @@ def _packed_sequences(query: torch.Tensor, key: torch.Tensor, kwargs: dict):
     """``(cu_q, cu_k, max_q, max_k)`` when transformers hands this layer a packed batch, else None: either the
     flash-attention kwargs (``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``, as
     ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` gives), or ``position_ids`` of a single row
-    made of several runs that step by 1 and each restart at the row's first id (reading them costs one
-    device-to-host copy per forward, cached across layers; transformers' flash-attention path reads them
-    in every layer). Left / right padded rows never look packed."""
+    made of several runs that step by 1 and each restart at the row's first id. Either is read (and
+    validated) with one device-to-host copy per forward, cached across layers by tensor identity (transformers'
+    flash-attention path reads position_ids in every layer). Left / right padded rows never look packed."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None:
-        return (cu_q.to(torch.int32), cu_k.to(torch.int32), _as_int(kwargs.get("max_length_q")),
-                _as_int(kwargs.get("max_length_k")))
+        if query.shape[0] != 1:
+            raise ValueError(f"cu_seq_lens_q / cu_seq_lens_k describe one packed row, but the batch has "
+                             f"{query.shape[0]} rows")
+        hit = _FLASH_KWARGS_CACHE.get(cu_q, extra=(id(cu_k),))  # validated once per forward, not per layer
+        if hit is None:
+            from tileattn._utils import check_cu_seqlens
+
+            cu_q32, cu_k32 = (c.to(torch.int32).contiguous() for c in (cu_q, cu_k))
+            longest_q = check_cu_seqlens("cu_seq_lens_q", cu_q32, query.shape[2], query.device)
+            longest_k = check_cu_seqlens("cu_seq_lens_k", cu_k32, key.shape[2], query.device, nseq=cu_q32.numel() - 1)
+            max_q, max_k = _as_int(kwargs.get("max_length_q")), _as_int(kwargs.get("max_length_k"))
+            hit = (cu_q32, cu_k32, max(longest_q, max_q or 0), max(longest_k, max_k or 0))
+            _FLASH_KWARGS_CACHE.put(cu_q, hit, extra=(id(cu_k),))
+        return hit
     pos = kwargs.get("position_ids")
     if pos is None or query.shape[0] != 1 or query.shape[2] < 2 or key.shape[2] != query.shape[2] \
             or pos.numel() != query.shape[2]:
@@ -103,11 +115,12 @@ def _packed_sequences(query: torch.Tensor, key: torch.Tensor, kwargs: dict):
 
 
 _POSITION_CACHE = TensorCache(4)
+_FLASH_KWARGS_CACHE = TensorCache(4)
 
 
 def _varlen_forward(module, query, key, value, packed, dropout, scaling, is_causal, kwargs):
     """(1, H, total, D) inputs of a packed row -> ``tileattn.attention_varlen`` -> (1, total, Hq, Dv)."""
-    from tileattn.attention import attention_varlen
+    from tileattn.attention import _attention_varlen
 
     if dropout and float(dropout) > 0.0:
         raise ValueError("tileattn attention: attention dropout with packed sequences is not supported; "
@@ -116,7 +129,8 @@ def _varlen_forward(module, query, key, value, packed, dropout, scaling, is_caus
     sw = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     window = (int(sw) - 1, -1) if (sw is not None and is_causal) else None  # transformers: j > i - sliding_window
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (total, H, D) views
-    out = attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=is_causal, window=window, scale=scaling)
+    out = _attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=is_causal, window=window, scale=scaling,
+                            return_lse=False, checked=True)
     return out[None]
 
 
