@@ -39,16 +39,18 @@ def tileattn_attention_forward(
         attention_mask: None, or a 4-d (B or 1, 1, L, S) mask as transformers builds it: bool
             (True = attend, what the ``sdpa`` mask function gives) or float (added to the scores).
             Sliding-window and padding patterns arrive folded into this mask.
-        dropout: attention dropout (> 0, i.e. training with dropout, falls back to torch with a warning).
+        dropout: attention dropout, fused in the kernels (transformers passes 0.0 in eval mode).
         scaling: softmax scale (default 1/sqrt(D)).
         is_causal: as transformers' sdpa integration: causal (top-left aligned) only when there is no
             mask and L > 1.
 
+        softcap (keyword): attention-logit soft-capping ``softcap * tanh(s / softcap)`` (Gemma-2's
+            ``attn_logit_softcapping``), applied in the kernels before the mask like transformers' eager path.
+
     Returns:
         ``(out, None)`` with out (B, L, Hq, D) contiguous; attention weights are not returned.
     """
-    if kwargs.get("softcap") is not None:
-        raise ValueError("tileattn attention does not support softcap; use attn_implementation='eager'")
+    softcap = kwargs.get("softcap")
     if kwargs.get("output_attentions", False):
         warn_once("hf-output-attentions", "tileattn attention does not return attention weights "
                   "(output_attentions); use tileattn.attention_weights on q and k instead.")
@@ -56,10 +58,16 @@ def tileattn_attention_forward(
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
-    out = scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=float(dropout), is_causal=is_causal,
-        scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
-    )
+    if softcap is not None:  # 4-d GQA inputs and mask as transformers builds them: the fused op directly
+        from tileattn.sdpa import _sdpa_4d
+
+        out = _sdpa_4d(query, key, value, attention_mask, is_causal, scaling, dropout_p=float(dropout),
+                       softcap=float(softcap))
+    else:
+        out = scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=float(dropout), is_causal=is_causal,
+            scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
