@@ -129,3 +129,20 @@ def test_compile_score_mods_and_dropout():
     same("out", o2, o1)
     for a, b in zip(g2, g1):
         same("grad", a, b)
+
+
+def test_compile_score_mod():
+    """A ScoreMod reaches the custom ops as a registry id plus its tensors: no graph break."""
+    from test_score_mods import R, rel_bias, rel_bias_grad
+
+    q, k, v = (randn(1, 2, 17, 16, dtype=torch.float32, requires_grad=True) for _ in range(3))
+    sm = tileattn.ScoreMod(rel_bias, rel_bias_grad, torch.randn(2, R + 1, device=DEVICE))
+
+    def fn(q, k, v):
+        return tileattn.attention(q, k, v, causal=True, softcap=3.0, score_mod=sm)
+
+    o1, g1, do = fwd_bwd(fn, (q, k, v))
+    o2, g2, _ = fwd_bwd(compiled(fn), (q, k, v), do)
+    same("out", o2, o1)
+    for a, b in zip(g2, g1):
+        same("grad", a, b)
