@@ -122,13 +122,13 @@ def test_dropout_matches_reference_with_its_mask(B, Hq, Hkv, Nq, Nk, D, dtype, m
     seed, offset = _replay(state)
     keep = tileattn.dropout_mask(q, k, dropout_p=p, seed=seed, offset=offset, **masks)
     assert keep.dtype == torch.bool and keep.shape == (B, Hq, Nq, Nk)
-    do = torch.randn_like(out)
-    out.backward(do)
+    do, dl = torch.randn_like(out), torch.randn_like(lse)  # gradients through out and the LSE
+    torch.autograd.backward((out, lse), (do, dl))
     refs = {}
     for name, upcast in (("64", True), ("lp", False)):
         qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
         o, l = attention_ref(qq, kk, vv, upcast=upcast, dropout_mask=keep, dropout_p=p, **masks, **mods)
-        o.backward(do.to(o.dtype))
+        torch.autograd.backward((o, l), (do.to(o.dtype), dl.to(l.dtype)))
         refs[name] = (o, l, qq.grad, kk.grad, vv.grad)
     (o64, l64, *g64), (olp, llp, *glp) = refs["64"], refs["lp"]
     assert_close("out", out, o64, olp, dtype=dtype)
