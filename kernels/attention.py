@@ -11,6 +11,11 @@ set of constexpr variants of the same tile body:
 - ``BIAS``: 0 none, 1 boolean mask tensor (True = attend), 2 float tensor added to the scores; loaded
   per tile with broadcast strides (the SDPA drop-in path).
 
+Score mods and dropout are constexpr variants of the same body too (``MOD``, ``DROPOUT``, the last kernel
+arguments): a user ScoreMod function, ALiBi and soft-capping modify the scaled scores before the masks
+(interior steps then return scaled scores as well), and dropout masks the probabilities with Philox bits
+keyed by (seed, offset, b, h, i, j), regenerated in both backward kernels. Off, they compile to nothing.
+
 Scores are kept in the log2 domain: ``s2 = (q . k) * scale * log2(e)`` and ``exp2`` everywhere; the LSE
 is stored in natural log. Rows that see no key give out = 0, lse = -inf, and zero gradients.
 """
