@@ -107,6 +107,7 @@ DROPOUT_CASES = [
     pytest.param(1, 4, 2, 37, 37, 32, torch.float16, dict(causal=True), {}, id="causal-gqa-fp16"),
     pytest.param(2, 2, 1, 17, 50, 16, torch.bfloat16, dict(window=(6, 3)), {}, id="window-nq<nk-bf16"),
     pytest.param(1, 2, 2, 33, 20, 80, torch.float32, {}, {"softcap": 2.0}, id="softcap-d80-fp32"),
+    pytest.param(1, 1, 1, 18, 21, 256, torch.bfloat16, dict(causal=True), {"softcap": 1.0}, id="softcap-causal-d256-bf16"),
 ]
 
 
