@@ -11,6 +11,11 @@ set of constexpr variants of the same tile body:
 - ``BIAS``: 0 none, 1 boolean mask tensor (True = attend), 2 float tensor added to the scores; loaded
   per tile with broadcast strides (the SDPA drop-in path).
 
+Score mods and dropout are constexpr variants of the same body too (``MOD``, ``DROPOUT``, the last kernel
+arguments): a user ScoreMod function, ALiBi and soft-capping modify the scaled scores before the masks
+(interior steps then return scaled scores as well), and dropout masks the probabilities with Philox bits
+keyed by (seed, offset, b, h, i, j), regenerated in both backward kernels. Off, they compile to nothing.
+
 Scores are kept in the log2 domain: ``s2 = (q . k) * scale * log2(e)`` and ``exp2`` everywhere; the LSE
 is stored in natural log. Rows that see no key give out = 0, lse = -inf, and zero gradients.
 """
@@ -257,7 +262,7 @@ def _load_and_score(
     BA: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, xa, MOD: tl.constexpr,
 ):
     """The tile body of every kernel: load the step's rows of X [BT, BD] and Y [BT, BDV] (k / v for the
     forward and dQ, q / dO for dK/dV) and score ``b_a @ X^T`` [BA, BT]. Boundary steps (MASKED) return the
@@ -273,11 +278,15 @@ def _load_and_score(
         b_x = _load_tile(X, start, s_xn, o_r, tl.arange(0, BLOCK_D), Nt, D, MASKED, D < BLOCK_D)  # [BT, BD]
         b_y = _load_tile(Y, start, s_yn, o_r, tl.arange(0, BLOCK_DV), Nt, DV, MASKED, DV < BLOCK_DV)  # [BT, BDV]
     b_s = _dot(b_a, tl.trans(b_x), tl.zeros([BA, BT], dtype=tl.float32), DOT_F32, PREC)  # [BA, BT]
+    b_g = 1.0
+    if MOD is not None:  # score mods: every step (interior too) returns scaled, modified scores (see _score_mod)
+        b_s, b_g = _score_mod(b_s * qk_scale, i_q, i_k, Nq, Nk, xa, MOD)
+        qk_scale = 1.0
     if MASKED:
         b_s = _mask_scores(b_s * qk_scale, i_q, i_k, Nq, Nk, left, right, p_bias, sb_m, sb_n,
                            EMASK + tl.maximum(i_mid, 0).to(tl.int64) * (BSQ * BSK), i_mid, q0, k0,
                            WINDOWED, SPARSE, BIAS, BSK)
-    return b_x, b_y, b_s
+    return b_x, b_y, b_s, b_g
 
 
 @triton.jit
@@ -299,6 +308,113 @@ def _exp2_sub(b_s, m, qk_scale, MASKED: tl.constexpr):
     if MASKED:
         return tl.math.exp2(b_s - m)
     return tl.math.exp2(b_s * qk_scale - m)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Score mods and dropout: constexpr variants of the tile body. ``MOD`` is None (plain: nothing below is
+# compiled in) or the tuple (fn, grad_fn, number of extra tensors, SOFTCAP, ALIBI); ``xa`` is the
+# per-(batch, head) tuple built by :func:`_mod_args`.
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _mod_args(i_b, i_h, SLOPES, sl_b, sl_h, softcap, T0, T1, RNG, p_drop, rp,
+              MOD: tl.constexpr, DROPOUT: tl.constexpr):
+    """(b, h, ALiBi slope of the head, softcap, extra tensors T0 / T1, Philox seed, offset, p, 1 / (1 - p))
+    of a program's (batch, query head): the slope and the seed / offset are loaded only when used."""
+    slope = 0.0
+    seed = 0
+    rng_off = 0
+    if MOD is not None:
+        if MOD[4]:
+            slope = tl.load(SLOPES + i_b.to(tl.int64) * sl_b + i_h * sl_h)
+    if DROPOUT:  # device-side seed / offset: no host sync, CUDA-graph safe
+        seed = tl.load(RNG)
+        rng_off = (tl.load(RNG + 1) & 0xFFFFFFFF).to(tl.uint32)
+    return i_b, i_h, slope, softcap, T0, T1, seed, rng_off, p_drop, rp
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _score_mod(s2, i_q, i_k, Nq, Nk, xa, MOD: tl.constexpr):
+    """Score mods of a scaled score tile ``s2`` (log2 domain; ``i_q`` / ``i_k`` broadcastable index tiles
+    in either orientation, see :func:`_mask_scores`), before masking, in the natural domain ``s = s2 ln2``:
+    the user's ``fn(s, b, h, q_idx, kv_idx, *tensors)``, then ALiBi ``s - slope_h |i + Nk - Nq - j|``, then
+    the soft-cap ``c tanh(s / c)``. Returns the modified log2-domain scores and ds'/ds (the user's
+    ``grad_fn`` times the soft-cap's 1 - tanh^2; the forward never uses it, so it compiles away there)."""
+    i_b, i_h, slope, softcap, T0, T1, seed, rng_off, p_drop, rp = xa
+    FN: tl.constexpr = MOD[0]
+    GRAD: tl.constexpr = MOD[1]
+    NT: tl.constexpr = MOD[2]
+    s = s2 * 0.6931471805599453
+    g = 1.0
+    if FN is not None:
+        if NT == 0:
+            if GRAD is not None:
+                g = GRAD(s, i_b, i_h, i_q, i_k)
+            s = FN(s, i_b, i_h, i_q, i_k)
+        elif NT == 1:
+            if GRAD is not None:
+                g = GRAD(s, i_b, i_h, i_q, i_k, T0)
+            s = FN(s, i_b, i_h, i_q, i_k, T0)
+        else:
+            if GRAD is not None:
+                g = GRAD(s, i_b, i_h, i_q, i_k, T0, T1)
+            s = FN(s, i_b, i_h, i_q, i_k, T0, T1)
+    if MOD[4]:  # ALiBi (FlashAttention's bottom-right aligned distance)
+        s = s - slope * tl.abs(i_q + (Nk - Nq) - i_k).to(tl.float32)
+    if MOD[3]:  # soft-cap (Gemma-2: after the other mods, before the masks)
+        t = _tanh(s / softcap)
+        s = softcap * t
+        g = g * (1.0 - t * t)
+    return s * 1.4426950408889634, g
+
+
+@triton.jit
+def _mod_chain(b_ds, b_p, b_g):
+    """Chain rule through the score mod: dS * ds'/ds, and 0 wherever p = 0 (masked or -inf scores, whose
+    derivative a user function may leave undefined)."""
+    return tl.where(b_p == 0.0, 0.0, b_ds * b_g)
+
+
+@triton.jit
+def _dropout_keep(i_q, i_k, xa):
+    """Dropout keep mask of the tile (i_q x i_k broadcast, either orientation): Philox (``tl.rand``'s
+    generator) with key ``seed`` and counter (i, j, b * 2^16 + h, offset); kept iff uniform >= p. Every
+    kernel regenerates the same bits for the same (i, j), whatever its tile shape."""
+    i_b, i_h, slope, softcap, T0, T1, seed, rng_off, p_drop, rp = xa
+    z = i_q * 0 + i_k * 0
+    r = tl.philox(seed, i_q + z, i_k + z, z + (i_b * 65536 + i_h), z.to(tl.uint32) + rng_off)
+    return tl.uint_to_uniform_float(r[0]) >= p_drop
+
+
+@triton.jit
+def _dropped(x, keep, xa):
+    """Kept entries of ``x`` scaled by 1 / (1 - p), dropped ones 0."""
+    i_b, i_h, slope, softcap, T0, T1, seed, rng_off, p_drop, rp = xa
+    return tl.where(keep, x * rp, 0.0)
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    OUT, RNG, B, H, Nq, Nk, left, right, p_drop, s_ob, s_oh, s_om,
+    WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The keep mask the attention kernels use (and-ed with causal / window visibility), as uint8."""
+    i_m, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    xa = _mod_args(i_b, i_h, RNG, 0, 0, 0.0, RNG, RNG, RNG, p_drop, 1.0, None, True)
+    b_keep = _dropout_keep(o_m[:, None], o_n[None, :], xa)
+    b_vis = _mask_scores(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), o_m[:, None], o_n[None, :], Nq, Nk,
+                         left, right, RNG, 0, 0, RNG, -1, 0, 0, WINDOWED, False, 0, 1) == 0.0
+    p = OUT + i_b.to(tl.int64) * s_ob + i_h.to(tl.int64) * s_oh + o_m[:, None].to(tl.int64) * s_om + o_n[None, :]
+    tl.store(p, (b_keep & b_vis).to(tl.uint8), mask=(o_m[:, None] < Nq) & (o_n[None, :] < Nk))
 
 
 @triton.jit
@@ -355,7 +471,7 @@ def _key_step(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, xa, MOD: tl.constexpr,
 ):
     """Step ``t`` of a query program's key walk (forward and dQ): the key tile's K [BN, BD], V [BN, BDV]
     and scores [BM, BN] (see :func:`_load_and_score`). PAGE > 0: K / V are a paged cache whose pages the
@@ -369,10 +485,11 @@ def _key_step(
         K = K + i_pg * s_kp + d_n * s_kn
         V = V + i_pg * s_vp + d_n * s_vn
     o_n = start_n + tl.arange(0, BLOCK_N)
-    return _load_and_score(
+    b_k, b_v, b_s, b_g = _load_and_score(
         b_q, K, V, start_n, s_kn, s_vn, Nk, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC,
-        WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+        WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC, xa, MOD)
+    return b_k, b_v, b_s, b_g, o_n
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,24 +503,29 @@ def _fwd_steps(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, xa, MOD: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    """Steps [t0, t1) of the forward walk: online softmax in the log2 domain."""
+    """Steps [t0, t1) of the forward walk: online softmax in the log2 domain (l_i and the LSE of the
+    pre-dropout probabilities; DROPOUT drops them before the PV product)."""
+    SCALED: tl.constexpr = MASKED or (MOD is not None)  # scores come scaled (see _load_and_score)
     t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED, SPARSE, ALL_MASKED, BSK, BLOCK_N)
     for t in range(t0, t1):
-        b_k, b_v, b_s = _key_step(  # [BN, BD], [BN, BDV], [BM, BN]
+        b_k, b_v, b_s, b_g, o_n = _key_step(  # [BN, BD], [BN, BDV], [BM, BN]
             t, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right, p_bias, sb_m, sb_n, EMASK, q0,
             lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P, TBL, n_pages, s_kp, s_vp, PAGE,
-            BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
-        if MASKED:
+            BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC,
+            xa, MOD)
+        if SCALED:
             m_new = tl.maximum(m_i, tl.max(b_s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         else:
             m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
             m_use = m_new
-        b_p = _exp2_sub(b_s, m_use[:, None], qk_scale, MASKED)  # [BM, BN]
+        b_p = _exp2_sub(b_s, m_use[:, None], qk_scale, SCALED)  # [BM, BN]
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(b_p, 1)
+        if DROPOUT:
+            b_p = _dropped(b_p, _dropout_keep(o_m[:, None], o_n[None, :], xa), xa)
         acc = _dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], DOT_F32, PREC)  # [BM, BDV]
         m_i = m_new
     return acc, m_i, l_i
@@ -424,6 +546,8 @@ def _attn_fwd(
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     COUNT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, NEG_SCALE: tl.constexpr,
     VARLEN: tl.constexpr, KVCACHE: tl.constexpr, PAGE: tl.constexpr, PACK_GQA: tl.constexpr,
+    SLOPES, sl_b, sl_h, softcap, MOD_T0, MOD_T1, RNG, p_drop, rp,
+    MOD: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # program (query tile, batch * head, key split); the last query tiles (the heaviest under a causal
     # mask) start first. Split-KV decoding writes per-split partial (O, LSE) at split strides s_os / s_ls,
@@ -471,6 +595,7 @@ def _attn_fwd(
         TBL += i_b64 * s_tb
     if NEG_SCALE:  # the scale's sign goes into q: interior steps need qk_scale >= 0 (max(s) * qk_scale)
         b_q = -b_q
+    xa = _mod_args(i_b, i_h, SLOPES, sl_b, sl_h, softcap, MOD_T0, MOD_T1, RNG, p_drop, rp, MOD, DROPOUT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -485,13 +610,13 @@ def _attn_fwd(
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
         TBL, n_pages, s_kp, s_vp, PAGE,
         BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, TMA, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-        DOT_F32, PREC)
+        DOT_F32, PREC, xa, MOD, DROPOUT)
     acc, m_i, l_i = _fwd_steps(  # boundary tiles (BLOCK_B keys a step): bounds, window, element / bias masks
         acc, m_i, l_i, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
         TBL, n_pages, s_kp, s_vp, PAGE,
         BIAS != 0, BLOCK_M, BLOCK_B, D, DV, BLOCK_D, BLOCK_DV, True, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-        DOT_F32, PREC)
+        DOT_F32, PREC, xa, MOD, DROPOUT)
     if COUNT:  # debug: steps this program ran (interior, boundary)
         p_c = VISITS + (i_bh.to(tl.int64) * tl.num_programs(0) + i_slot) * 2
         tl.store(p_c, _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, False, SPARSE, BIAS != 0, BSK, BLOCK_N)[1])
@@ -521,19 +646,26 @@ def _dq_steps(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr, NOLICM: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, NOLICM: tl.constexpr, xa, MOD: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Steps [t0, t1) of the dQ walk: dQ += (P * (dO V^T - Delta)) K. NOLICM (wide program tiles) keeps
-    loop invariants inside the loop: hoisted, their long live ranges spilled around the loops."""
+    loop invariants inside the loop: hoisted, their long live ranges spilled around the loops. DROPOUT:
+    dO V^T is masked and rescaled like P was; MOD: dS times the score mod's derivative."""
+    SCALED: tl.constexpr = MASKED or (MOD is not None)
     t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED, SPARSE, ALL_MASKED, BSK, BLOCK_N)
     for t in tl.range(t0, t1, disable_licm=NOLICM):
-        b_k, b_v, b_s = _key_step(  # [BN, BD], [BN, BDV], [BM, BN]
+        b_k, b_v, b_s, b_g, o_n = _key_step(  # [BN, BD], [BN, BDV], [BM, BN]
             t, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right, p_bias, sb_m, sb_n, EMASK, q0,
             lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P, K, 1, 0, 0, 0,
-            BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
-        b_p = _exp2_sub(b_s, b_lse2[:, None], qk_scale, MASKED)  # [BM, BN]
+            BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC,
+            xa, MOD)
+        b_p = _exp2_sub(b_s, b_lse2[:, None], qk_scale, SCALED)  # [BM, BN]
         b_dp = _dot(b_do, tl.trans(b_v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
+        if DROPOUT:
+            b_dp = _dropped(b_dp, _dropout_keep(o_m[:, None], o_n[None, :], xa), xa)
         b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
+        if MOD is not None:
+            b_ds = _mod_chain(b_ds, b_p, b_g)
         dq = _dot(b_ds.to(b_k.dtype), b_k, dq, DOT_F32, PREC)  # [BM, BD]
     return dq
 
@@ -551,6 +683,8 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, VARLEN: tl.constexpr,
+    SLOPES, sl_b, sl_h, softcap, MOD_T0, MOD_T1, RNG, p_drop, rp,
+    MOD: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(2) * H + tl.program_id(1)
     s_lh = Nq  # LSE / Delta head stride
@@ -573,6 +707,7 @@ def _attn_bwd_dq(
     b_lse = tl.load(LSE + i_bh.to(tl.int64) * s_lh + o_m, mask=m_row, other=float("-inf"))
     b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)  # empty rows: p = 0
     b_delta = tl.load(DELTA + i_bh.to(tl.int64) * s_lh + o_m, mask=m_row, other=0.0)
+    xa = _mod_args(i_b, i_h, SLOPES, sl_b, sl_h, softcap, MOD_T0, MOD_T1, RNG, p_drop, rp, MOD, DROPOUT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, lo_u, hi_u, hi, n_full, n_part, p_l = _walk_setup(
         i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right, KV_NUM_F, KV_NUM_P, i_b, i_h,
@@ -583,12 +718,12 @@ def _attn_bwd_dq(
         dq, b_q, b_do, b_lse2, b_delta, k_src, v_src, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
         BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, TMA, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-        DOT_F32, PREC, BLOCK_M >= 128)
+        DOT_F32, PREC, BLOCK_M >= 128, xa, MOD, DROPOUT)
     dq = _dq_steps(
         dq, b_q, b_do, b_lse2, b_delta, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
         BIAS != 0, BLOCK_M, BLOCK_B, D, DV, BLOCK_D, BLOCK_DV, True, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-        DOT_F32, PREC, BLOCK_M >= 128)
+        DOT_F32, PREC, BLOCK_M >= 128, xa, MOD, DROPOUT)
     tl.store(_tile_ptrs(DQ, i_b64, s_dqb, i_h, s_dqh, i_m * BLOCK_M, s_dqn, o_r, o_d),
              (dq * scale).to(DQ.dtype.element_ty), mask=m_row[:, None] & (o_d[None, :] < D))
 
@@ -604,9 +739,11 @@ def _dkdv_steps(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr, NOLICM: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, NOLICM: tl.constexpr, xa, MOD: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    """Steps [t0, t1) of the dK/dV walk over the query tiles of one query head."""
+    """Steps [t0, t1) of the dK/dV walk over the query tiles of one query head (DROPOUT / MOD as in
+    :func:`_dq_steps`, on transposed [BN, BM] tiles)."""
+    SCALED: tl.constexpr = MASKED or (MOD is not None)
     t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED, SPARSE, ALL_MASKED, BSQ, BLOCK_M)
     for t in tl.range(t0, t1, disable_licm=NOLICM):
         start_m, q0, i_mid = _walk_step(t, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
@@ -619,14 +756,22 @@ def _dkdv_steps(
             b_lse = tl.load(LSEh + o_m)
             b_delta = tl.load(DELTAh + o_m)
         b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-        b_q, b_do, b_st = _load_and_score(  # [BM, BD], [BM, BDV], [BN, BM]
+        b_q, b_do, b_st, b_gt = _load_and_score(  # [BM, BD], [BM, BDV], [BN, BM]
             b_k, Qh, DOh, start_m, s_qn, s_don, Nq, qk_scale, o_m[None, :], o_n[:, None], Nq, Nk,
             left, right, p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_N, BLOCK_M, D, DV, BLOCK_D, BLOCK_DV,
-            MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
-        b_pt = _exp2_sub(b_st, b_lse2[None, :], qk_scale, MASKED)  # [BN, BM]
-        dv = _dot(b_pt.to(b_do.dtype), b_do, dv, DOT_F32, PREC)  # [BN, BDV]
+            MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC, xa, MOD)
+        b_pt = _exp2_sub(b_st, b_lse2[None, :], qk_scale, SCALED)  # [BN, BM]
+        b_ptd = b_pt
+        if DROPOUT:  # the same (i, j) keys as the forward / dQ, transposed
+            b_keep = _dropout_keep(o_m[None, :], o_n[:, None], xa)
+            b_ptd = _dropped(b_pt, b_keep, xa)
+        dv = _dot(b_ptd.to(b_do.dtype), b_do, dv, DOT_F32, PREC)  # [BN, BDV]
         b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
+        if DROPOUT:
+            b_dpt = _dropped(b_dpt, b_keep, xa)
         b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
+        if MOD is not None:
+            b_dst = _mod_chain(b_dst, b_pt, b_gt)
         dk = _dot(b_dst.to(b_q.dtype), b_q, dk, DOT_F32, PREC)  # [BN, BD]
     return dk, dv
 
@@ -645,6 +790,8 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, VARLEN: tl.constexpr,
+    SLOPES, sl_b, sl_h, softcap, MOD_T0, MOD_T1, RNG, p_drop, rp,
+    MOD: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # grid (key tile, Y, Z), (batch, kv head) = Y * pid(2) + pid(1); programs past the end (only when
     # B * Hkv > 65535) redo the last one and store the same values
@@ -686,6 +833,7 @@ def _attn_bwd_dkdv(
         LSEh = LSE + (i_b64 * H + i_h64) * s_lh
         DELTAh = DELTA + (i_b64 * H + i_h64) * s_lh
         p_bias = BIAS_PTR + i_b64 * sb_b + i_h64 * sb_h
+        xa = _mod_args(i_b, i_h, SLOPES, sl_b, sl_h, softcap, MOD_T0, MOD_T1, RNG, p_drop, rp, MOD, DROPOUT)
         # query i sees key j iff -right <= i - j - (Nq - Nk) <= left
         lo, lo_u, hi_u, hi, n_full, n_part, p_l = _walk_setup(
             i_n * BLOCK_N, BLOCK_N, BLOCK_M, Nk, Nq, Nq - Nk, -right, left, Q_NUM_F, Q_NUM_P, i_b, i_h,
@@ -695,12 +843,12 @@ def _attn_bwd_dkdv(
             dk, dv, b_k, b_v, q_src, do_src, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
             p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
             BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, TMA, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-            DOT_F32, PREC, BLOCK_N >= 128)
+            DOT_F32, PREC, BLOCK_N >= 128, xa, MOD, DROPOUT)
         dk, dv = _dkdv_steps(
             dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
             p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
             BIAS != 0, BLOCK_B, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-            DOT_F32, PREC, BLOCK_N >= 128)
+            DOT_F32, PREC, BLOCK_N >= 128, xa, MOD, DROPOUT)
     tl.store(_tile_ptrs(DK, i_b64, s_dkb, i_hk, s_dkh, i_n * BLOCK_N, s_dkn, o_r, o_d),
              (dk * scale).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
     tl.store(_tile_ptrs(DV_PTR, i_b64, s_dvb, i_hk, s_dvh, i_n * BLOCK_N, s_dvn, o_r, o_dv),
@@ -739,8 +887,8 @@ def _prune(kernel_name: str, configs, bsq: int, bsk: int):
                           num_warps=c.num_warps, num_stages=c.num_stages)]
 
 
-_KEY = ["N_BUCKET_Q", "N_BUCKET_K", "D", "DV", "WINDOWED", "SPARSE", "BIAS", "BSQ", "BSK", "PREC", "TMA", "VARLEN", "KVCACHE", "PAGE",
-        "PACK_GQA"]
+_KEY = ["N_BUCKET_Q", "N_BUCKET_K", "D", "DV", "WINDOWED", "SPARSE", "BIAS", "BSQ", "BSK", "PREC", "TMA", "VARLEN",
+        "KVCACHE", "PAGE", "PACK_GQA", "MOD", "DROPOUT"]
 
 # Interior steps load through tensor descriptors (TMA) on sm_90+ for the 16-bit, mask-free family when
 # every row base / stride is 16-byte aligned; "auto" decides per call, "off" forces the pointer path,
@@ -811,8 +959,37 @@ def _launch(kernel, table, grid_fn, args, meta, bd: int, dtype: torch.dtype, dev
         tiles = _tiles(_kernel_name(kernel), min(bm, meta["BSQ"]), min(bn, bsk))
         kernel[grid_fn(tiles)](*args, **meta, **tiles)
         return
-    _tuned(kernel, table, _family(dtype, device, meta["BIAS"]), _dim_bucket(bd), meta["BSQ"], bsk)[grid_fn](
-        *args, **meta)
+    _tuned(kernel, table, _family(dtype, device, meta["BIAS"] or _modded(meta)), _dim_bucket(bd), meta["BSQ"],
+           bsk)[grid_fn](*args, **meta)
+
+
+def _modded(meta: dict) -> bool:
+    """Score mods / dropout hold more live registers a tile: they run the smaller "mask" family tiles."""
+    return meta.get("MOD") is not None or bool(meta.get("DROPOUT"))
+
+
+def _mod_meta(q: torch.Tensor, softcap: Optional[float], alibi: Optional[torch.Tensor], score_mod,
+              dropout_p: float, rng: Optional[torch.Tensor]) -> dict:
+    """Kernel arguments of the score mods and dropout (appended to every attention kernel's arguments).
+    ``score_mod``: None or (fn, grad_fn, tensors) with at most MAX_MOD_TENSORS contiguous tensors;
+    ``alibi``: (Hq,) or (B, Hq) float32 slopes; ``rng``: int64 (seed, offset) on q's device when
+    ``dropout_p`` > 0."""
+    fn, grad, tensors = score_mod if score_mod is not None else (None, None, ())
+    mod = None
+    if fn is not None or softcap is not None or alibi is not None:
+        mod = (fn, grad, len(tensors), softcap is not None, alibi is not None)
+    ts = list(tensors) + [q] * (MAX_MOD_TENSORS - len(tensors))
+    if alibi is None:
+        slopes, sl = q, (0, 0)
+    else:
+        slopes, sl = alibi, ((alibi.stride(0), alibi.stride(1)) if alibi.dim() == 2 else (0, alibi.stride(0)))
+    dropout = dropout_p > 0.0
+    return dict(SLOPES=slopes, sl_b=sl[0], sl_h=sl[1], softcap=float(softcap or 1.0), MOD_T0=ts[0], MOD_T1=ts[1],
+                RNG=rng if dropout else q, p_drop=float(dropout_p),
+                rp=(1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0), MOD=mod, DROPOUT=dropout)
+
+
+MAX_MOD_TENSORS = 2  # extra tensors a user score mod may read
 
 
 def _dot_options(dtype: torch.dtype):
@@ -907,11 +1084,13 @@ def _alloc_rows(B: int, H: int, N: int, D: int, varlen, **kw) -> torch.Tensor:
 @on_tensor_device
 def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
                       bias: Optional[torch.Tensor] = None, sparse: Optional[Sequence[torch.Tensor]] = None,
-                      count_visits: bool = False, num_splits: Optional[int] = None, varlen=None, kvcache=None):
+                      count_visits: bool = False, num_splits: Optional[int] = None, varlen=None, kvcache=None,
+                      softcap: Optional[float] = None, alibi: Optional[torch.Tensor] = None, score_mod=None,
+                      dropout_p: float = 0.0, rng: Optional[torch.Tensor] = None):
     """Launch the forward. q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), any strides with a
-    unit last dim. Returns out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32 and, with
-    ``count_visits``, the (B*Hq, n_query_tiles, 2) int32 count of (interior, boundary) steps each program ran
-    (under ``varlen``: per program slot).
+    unit last dim. Score mods / dropout: see :func:`_mod_meta`. Returns out (B, Hq, Nq, Dv) in q's dtype, lse
+    (B, Hq, Nq) float32 and, with ``count_visits``, the (B*Hq, n_query_tiles, 2) int32 count of (interior,
+    boundary) steps each program ran (under ``varlen``: per program slot).
     ``num_splits`` > 1 splits the keys into that many ranges run by separate programs (split-KV
     decoding), combined afterwards; None picks it automatically (only on CUDA, for short queries).
     ``varlen = (cu_q, cu_k, max_q, max_k)``: packed sequences; q / k / v are (1, H, total, D) views of
@@ -973,6 +1152,9 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
                 BIAS=bias_mode, BSQ=bsq, BSK=bsk, COUNT=count_visits, DOT_F32=dot_f32, PREC=prec, NEG_SCALE=scale < 0,
                 TMA=table is None and _tma_ok((k, v), _call_family(q, bias_mode)), VARLEN=varlen is not None,
                 KVCACHE=kvcache is not None, PAGE=page, PACK_GQA=bool(pack))
+    meta.update(_mod_meta(q, softcap, alibi, score_mod, dropout_p, rng))
+    if _modded(meta):
+        meta["TMA"] = False
     n_q = (lambda bm: triton.cdiv(rows, bm)) if slots is None else (lambda bm: slots(Nq, bm))
     _launch(_attn_fwd, FWD_CONFIGS if kvcache is None else DECODE_CONFIGS,
             lambda m: (n_q(m["BLOCK_M"]), heads, B * splits), args, meta,
@@ -985,7 +1167,9 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
 @on_tensor_device
 def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, right: int = -1,
                        bias: Optional[torch.Tensor] = None, sparse: Optional[Sequence[torch.Tensor]] = None,
-                       dlse: Optional[torch.Tensor] = None, varlen=None):
+                       dlse: Optional[torch.Tensor] = None, varlen=None, softcap: Optional[float] = None,
+                       alibi: Optional[torch.Tensor] = None, score_mod=None, dropout_p: float = 0.0,
+                       rng: Optional[torch.Tensor] = None):
     """Launch the backward: Delta = rowsum(dO * O) (minus dLSE), then dQ and dK/dV kernels (no atomics,
     deterministic). Returns dq, dk, dv shaped and typed like q, k, v (``varlen``: see attention_forward)."""
     B, Hq, Nq, D = q.shape
@@ -1007,6 +1191,9 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, r
     meta = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, WINDOWED=windowed, SPARSE=sparse is not None,
                 BIAS=bias_mode, BSQ=bsq, BSK=bsk, DOT_F32=dot_f32, PREC=prec,
                 TMA=_tma_ok((q, k, v, do), _call_family(q, bias_mode)), VARLEN=varlen is not None)
+    meta.update(_mod_meta(q, softcap, alibi, score_mod, dropout_p, rng))
+    if _modded(meta):
+        meta["TMA"] = False
     tiles = (lambda n, bt: triton.cdiv(n, bt)) if slots is None else slots
     args = (q, k, v, do, dq, lse, delta, bias_t, *sp,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -1024,6 +1211,20 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, r
     _launch(_attn_bwd_dkdv, DKDV_CONFIGS, lambda m: (tiles(Nk, m["BLOCK_N"]), ny, triton.cdiv(B * Hkv, ny)),
             args, meta, max(BD, BDV), q.dtype, q.device)
     return dq, dk, dv
+
+
+@on_tensor_device
+def dropout_keep_mask(rng: torch.Tensor, B: int, H: int, Nq: int, Nk: int, *, dropout_p: float, left: int = -1,
+                      right: int = -1) -> torch.Tensor:
+    """The (B, H, Nq, Nk) bool keep mask of the attention kernels for Philox (seed, offset) = ``rng`` (int64,
+    on the target device), and-ed with the (left, right) window's visibility."""
+    out = torch.empty(B, H, Nq, Nk, dtype=torch.uint8, device=rng.device)
+    left_, right_, windowed = _window_args(left, right, Nq, Nk)
+    bm, bn = (32, 32) if interpreter_enabled() else (64, 64)
+    _dropout_mask_kernel[(triton.cdiv(Nq, bm), triton.cdiv(Nk, bn), B * H)](
+        out, rng, B, H, Nq, Nk, left_, right_, float(dropout_p), out.stride(0), out.stride(1), out.stride(2),
+        WINDOWED=windowed, BLOCK_M=bm, BLOCK_N=bn)
+    return out.view(torch.bool)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1130,8 +1331,12 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
             sig[name] = ptr_type(dtype) if constexprs.get("BIAS") == 2 else "*u8"
         elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_PTR"):
             sig[name] = ptr_type(dtype)
-        elif name in ("qk_scale", "scale"):
+        elif name in ("qk_scale", "scale", "softcap", "p_drop", "rp"):
             sig[name] = "fp32"
+        elif name in ("SLOPES", "MOD_T0", "MOD_T1"):
+            sig[name] = "*fp32"
+        elif name == "RNG":
+            sig[name] = "*i64"
         else:
             sig[name] = "i32"
     return sig
@@ -1157,6 +1362,7 @@ def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, i
     cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, **_tiles(kernel.__name__, bm, bn, *config[4:]),
               DOT_F32=False, PREC="tf32" if family == "fp32" else "ieee", TMA=family == "sm90",
               **{"VARLEN": False, **var})
+    cx.update(MOD=None, DROPOUT=False)  # the plain path (score mods / dropout off)
     if tag in ("fwd", "decode"):
         cx.update(COUNT=False, NEG_SCALE=False, **{n: var.get(n, False) for n in ("KVCACHE", "PACK_GQA")},
                   PAGE=var.get("PAGE", 0))

@@ -1,17 +1,172 @@
 """Fused softmax attention: public function, argument checks and the autograd Function."""
 from __future__ import annotations
 
+import inspect
+import math
 from collections import OrderedDict
-from typing import List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from tileattn._utils import (check_attention_inputs, check_bool, check_cu_seqlens, check_same, check_scale,
                              check_tensor, check_window, no_double_backward, use_triton)
-from tileattn.kernels.attention import attention_backward, attention_forward
+from tileattn.kernels.attention import MAX_MOD_TENSORS, attention_backward, attention_forward, dropout_keep_mask
 from tileattn.reference import attention_ref, attention_varlen_ref
 
-__all__ = ["attention", "attention_varlen"]
+__all__ = ["attention", "attention_varlen", "ScoreMod", "dropout_mask"]
+
+
+def _is_triton_fn(fn) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(fn, (JITFunction, InterpretedFunction))
+
+
+class ScoreMod:
+    """A user score modification evaluated inside the fused kernels (FlexAttention's ``score_mod``
+    contract, on tiles; no ``torch.compile`` needed).
+
+    ``fn(s, b, h, q_idx, kv_idx, *tensors) -> s'`` and ``grad_fn(s, b, h, q_idx, kv_idx, *tensors) ->
+    ds'/ds`` are ``@triton.jit`` functions. ``s`` is an fp32 tile of scaled scores (``scale * q.k``, natural
+    log domain) before any mask; ``b`` / ``h`` are the batch and query-head indices (scalars); ``q_idx``
+    / ``kv_idx`` are int32 index tiles that broadcast against ``s`` (``[BM, 1]`` / ``[1, BN]``, or the
+    transposed ``[1, BM]`` / ``[BN, 1]`` in the dK/dV kernel: write elementwise code). Boundary tiles carry
+    indices past the sequence ends (those scores are masked afterwards): clamp any index you load with.
+    ``tensors`` (at most 2) are read-only tensors on the inputs' device, passed to the functions as
+    pointers to their first element of a contiguous copy (row-major indexing). The kernels are
+    specialised per (fn, grad_fn) pair as a constexpr. ``grad_fn`` may be None for inference only (the
+    backward then raises). Returning -inf from ``fn`` masks a score (its gradient is 0)."""
+
+    def __init__(self, fn, grad_fn=None, *tensors: torch.Tensor):
+        if not _is_triton_fn(fn):
+            raise TypeError(f"ScoreMod fn must be a @triton.jit function, got {type(fn).__name__}")
+        if grad_fn is not None and not _is_triton_fn(grad_fn):
+            raise TypeError(f"ScoreMod grad_fn must be a @triton.jit function or None, got {type(grad_fn).__name__}")
+        if len(tensors) > MAX_MOD_TENSORS:
+            raise ValueError(f"ScoreMod takes at most {MAX_MOD_TENSORS} extra tensors, got {len(tensors)}")
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"ScoreMod tensor {i} must be a torch.Tensor, got {type(t).__name__}")
+            if t.numel() == 0:
+                raise ValueError(f"ScoreMod tensor {i} must not be empty")
+        for name, f in (("fn", fn), ("grad_fn", grad_fn)):
+            if f is None:
+                continue
+            n = len(inspect.signature(f.fn).parameters)
+            if n != 5 + len(tensors):
+                raise ValueError(f"ScoreMod {name} takes {n} arguments; expected 5 + {len(tensors)} "
+                                 "(s, b, h, q_idx, kv_idx, *tensors)")
+        self.fn, self.grad_fn, self.tensors = fn, grad_fn, tuple(t.detach() for t in tensors)
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__name__", None) or self.fn.fn.__name__
+        return f"ScoreMod({name}, {len(self.tensors)} tensors)"
+
+
+# The custom ops take a ScoreMod as an int id (functions cannot pass through a torch.library schema): each
+# distinct (fn, grad_fn) pair gets one id for the life of the process (a few entries; never freed).
+_MOD_IDS: Dict[tuple, int] = {}
+_MODS: List[tuple] = []
+
+
+def _mod_id(score_mod: Optional[ScoreMod]) -> int:
+    if score_mod is None:
+        return -1
+    key = (score_mod.fn, score_mod.grad_fn)
+    if key not in _MOD_IDS:
+        _MOD_IDS[key] = len(_MODS)
+        _MODS.append(key)
+    return _MOD_IDS[key]
+
+
+def _mod_from_id(mod_id: int, tensors: List[torch.Tensor]):
+    if mod_id < 0:
+        return None
+    fn, grad = _MODS[mod_id]
+    return fn, grad, tuple(tensors)
+
+
+def _check_mods(q, k, softcap, alibi_slopes, score_mod, dropout_p, generator):
+    """Validate the score-mod / dropout arguments; returns (softcap, slopes, mod tensors, dropout_p)."""
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a float > 0 or None, got {type(softcap).__name__}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be a finite float > 0, got {softcap}")
+        softcap = float(softcap)
+    B, Hq = q.shape[:2]
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes must be a torch.Tensor, got {type(alibi_slopes).__name__}")
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+            raise ValueError(f"alibi_slopes must have shape (Hq,) = {(Hq,)} or (B, Hq) = {(B, Hq)}, "
+                             f"got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+        alibi_slopes = alibi_slopes.detach()
+    tensors: List[torch.Tensor] = []
+    if score_mod is not None:
+        if not isinstance(score_mod, ScoreMod):
+            raise TypeError(f"score_mod must be a tileattn.ScoreMod, got {type(score_mod).__name__}")
+        for i, t in enumerate(score_mod.tensors):
+            if t.device != q.device:
+                raise ValueError(f"ScoreMod tensor {i} is on {t.device} but q is on {q.device}")
+        tensors = [t.contiguous() for t in score_mod.tensors]
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1], got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return softcap, alibi_slopes, tensors, float(dropout_p)
+
+
+def _philox_seed_offset(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """The (seed, offset) int64 pair of one dropout call, drawn from ``generator`` (default: torch's default
+    generator of ``device``) so it advances like torch's RNG and ``torch.manual_seed`` reproduces it:
+    ``torch.randint(0, 2**62, (2,), generator=generator)`` (the offset uses its low 32 bits). Stays on the
+    device (no host sync)."""
+    gen_device = generator.device if generator is not None else device
+    rng = torch.randint(0, 2 ** 62, (2,), generator=generator, device=gen_device, dtype=torch.int64)
+    return rng.to(device)
+
+
+def dropout_mask(q: torch.Tensor, k: torch.Tensor, *, dropout_p: float, seed: int, offset: int,
+                 causal: bool = False, window: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """The exact dropout keep-mask the kernels use, for tests and debugging.
+
+    Args:
+        q: (B, Hq, Nq, D) and k: (B, Hkv, Nk, D): only shapes and device are read.
+        dropout_p: drop probability in [0, 1].
+        seed, offset: the Philox key and counter offset. An attention call with dropout draws them as
+            ``seed, offset = torch.randint(0, 2**62, (2,), generator=generator).tolist()`` (on the
+            generator's device; default generator: q's device), so replaying that draw from the same
+            generator state gives the mask of the call. Only the low 32 bits of ``offset`` are used.
+        causal, window: as :func:`attention`; positions they hide are False.
+
+    Returns:
+        bool (B, Hq, Nq, Nk): True where the probability was kept (and scaled by 1 / (1 - dropout_p)).
+    """
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise TypeError(f"{name} must be a 4-d torch.Tensor (B, H, N, D)")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}")
+    _check_mods(q, k, None, None, None, dropout_p, None)
+    for name, x in (("seed", seed), ("offset", offset)):
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+        if not 0 <= x < 2 ** 63:
+            raise ValueError(f"{name} must be in [0, 2**63), got {x}")
+    left, right = check_window(window, causal)
+    B, Hq, Nq, _ = q.shape
+    rng = torch.tensor([seed, offset], dtype=torch.int64, device=q.device)
+    if not use_triton(q, "dropout_mask"):
+        raise ValueError("dropout_mask runs a Triton kernel: pass CUDA tensors or set TRITON_INTERPRET=1")
+    return dropout_keep_mask(rng, B, Hq, Nq, k.shape[2], dropout_p=float(dropout_p), left=left, right=right)
 
 
 def _check_bias(bias: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
@@ -40,12 +195,13 @@ def _check_bias(bias: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor) 
     return bias
 
 
-def _reference_path(q, k, v, window, block_mask, bias, scale):
+def _reference_path(q, k, v, window, block_mask, bias, scale, softcap=None, alibi=None):
     """Differentiable float64 PyTorch path (CPU tensors without the Triton interpreter)."""
     mask = None if block_mask is None else block_mask.to_dense().to(q.device)
     if bias is not None and bias.dtype == torch.bool:
         mask, bias = (bias if mask is None else mask & bias), None
-    out, lse = attention_ref(q, k, v, window=window, mask=mask, bias=bias, scale=scale, upcast=True)
+    out, lse = attention_ref(q, k, v, window=window, mask=mask, bias=bias, scale=scale, upcast=True,
+                             softcap=softcap, alibi_slopes=alibi)
     return out.to(q.dtype), lse.float()
 
 
@@ -91,12 +247,16 @@ def _sparse_tensors(block_mask) -> List[torch.Tensor]:
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
     sparse: List[torch.Tensor], scale: float, left: int, right: int,
+    softcap: Optional[float], alibi: Optional[torch.Tensor], mod_id: int, mod_tensors: List[torch.Tensor],
+    dropout_p: float, rng: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, scale=scale, left=left, right=right, bias=bias, sparse=sparse or None)
+    return attention_forward(q, k, v, scale=scale, left=left, right=right, bias=bias, sparse=sparse or None,
+                             softcap=softcap, alibi=alibi, score_mod=_mod_from_id(mod_id, mod_tensors),
+                             dropout_p=dropout_p, rng=rng)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, bias, sparse, scale, left, right):
+def _(q, k, v, bias, sparse, scale, left, right, softcap, alibi, mod_id, mod_tensors, dropout_p, rng):
     B, Hq, Nq, _ = q.shape
     return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)
 
@@ -106,35 +266,46 @@ def _attention_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     dlse: Optional[torch.Tensor], bias: Optional[torch.Tensor], sparse: List[torch.Tensor],
     scale: float, left: int, right: int,
+    softcap: Optional[float], alibi: Optional[torch.Tensor], mod_id: int, mod_tensors: List[torch.Tensor],
+    dropout_p: float, rng: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    score_mod = _mod_from_id(mod_id, mod_tensors)
+    if score_mod is not None and score_mod[1] is None:
+        raise NotImplementedError("tileattn.attention: this ScoreMod has no grad_fn, so it has no backward; "
+                                  "pass grad_fn (the derivative ds'/ds) to ScoreMod to train through it")
     return attention_backward(do, q, k, v, out, lse, scale=scale, left=left, right=right, bias=bias,
-                              sparse=sparse or None, dlse=dlse)
+                              sparse=sparse or None, dlse=dlse, softcap=softcap, alibi=alibi,
+                              score_mod=score_mod, dropout_p=dropout_p, rng=rng)
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, dlse, bias, sparse, scale, left, right):
+def _(do, q, k, v, out, lse, dlse, bias, sparse, scale, left, right, softcap, alibi, mod_id, mod_tensors,
+      dropout_p, rng):
     # the kernels allocate contiguous gradients (strided views of a packed qkv must not leak into the fake)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, sparse, scale, left, right = inputs
+    q, k, v, bias, sparse, scale, left, right, softcap, alibi, mod_id, mod_tensors, dropout_p, rng = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, *sparse)
+    ctx.save_for_backward(q, k, v, out, lse, bias, alibi, rng, *sparse, *mod_tensors)
     ctx.n_sparse = len(sparse)
-    ctx.params = (scale, left, right)
+    ctx.params = (scale, left, right, softcap, mod_id, dropout_p)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, bias, *sparse = ctx.saved_tensors
-    scale, left, right = ctx.params
+    q, k, v, out, lse, bias, alibi, rng, *rest = ctx.saved_tensors
+    sparse, mod_tensors = rest[:ctx.n_sparse], rest[ctx.n_sparse:]
+    scale, left, right, softcap, mod_id, dropout_p = ctx.params
     if dout is None:
         dout = torch.zeros_like(out)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = no_double_backward("attention", *_attention_bwd_op(dout, q, k, v, out, lse, dlse, bias, sparse,
-                                                                    scale, left, right))
-    return dq, dk, dv, None, [None] * ctx.n_sparse, None, None, None
+    dq, dk, dv = no_double_backward("attention", *_attention_bwd_op(
+        dout, q, k, v, out, lse, dlse, bias, list(sparse), scale, left, right, softcap, alibi, mod_id,
+        list(mod_tensors), dropout_p, rng))
+    return (dq, dk, dv, None, [None] * ctx.n_sparse, None, None, None, None, None, None,
+            [None] * len(mod_tensors), None, None)
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -151,6 +322,11 @@ def _attention(
     bias: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    score_mod: Optional[ScoreMod] = None,
+    dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
 ):
     """Internal entry point shared by :func:`attention` and the drop-ins. ``bias`` is an optional bool
     (True = attend) or float (added to scaled scores) tensor broadcastable to (B, Hq, Nq, Nk); it gets
@@ -160,15 +336,22 @@ def _attention(
     left, right = check_window(window, causal)
     scale = check_scale(scale, q.shape[-1])
     bias = _check_bias(bias, q, k)
+    softcap, alibi_slopes, mod_tensors, dropout_p = _check_mods(q, k, softcap, alibi_slopes, score_mod, dropout_p,
+                                                                generator)
     if block_mask is not None:
         block_mask = _prepare_block_mask(block_mask, q, k, left, right)
         left, right = -1, -1  # folded into the block mask
     if not use_triton(q, "attention"):
+        if score_mod is not None or dropout_p > 0.0:
+            raise ValueError("score_mod and dropout_p > 0 run Triton kernels only: pass CUDA tensors or set "
+                             "TRITON_INTERPRET=1 (the CPU reference path has neither)")
         win = None if (left, right) == (-1, -1) else (left, right)
-        out, lse = _reference_path(q, k, v, win, block_mask, bias, scale)
+        out, lse = _reference_path(q, k, v, win, block_mask, bias, scale, softcap, alibi_slopes)
     else:
         sparse = _sparse_tensors(block_mask) if block_mask is not None else []
-        out, lse = _attention_fwd_op(q, k, v, bias, sparse, scale, left, right)
+        rng = _philox_seed_offset(generator, q.device) if dropout_p > 0.0 else None
+        out, lse = _attention_fwd_op(q, k, v, bias, sparse, scale, left, right, softcap, alibi_slopes,
+                                     _mod_id(score_mod), mod_tensors, dropout_p, rng)
     return (out, lse) if return_lse else out
 
 
@@ -182,6 +365,11 @@ def attention(
     block_mask=None,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    score_mod: Optional[ScoreMod] = None,
+    dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Fused softmax attention (FlashAttention-style tiling, online softmax), differentiable.
 
@@ -197,7 +385,19 @@ def attention(
         block_mask: a :class:`tileattn.BlockMask` (block-sparse attention); combined (AND) with
             ``causal`` / ``window``.
         scale: softmax scale, default 1/sqrt(D).
-        return_lse: also return the log-sum-exp of the scaled scores.
+        return_lse: also return the log-sum-exp of the scaled scores (after the score mods, before dropout).
+        softcap: soft-capping ``softcap * tanh(s / softcap)`` (Gemma-2, Grok), a float > 0.
+        alibi_slopes: ALiBi, float32 (Hq,) or (B, Hq): ``s - slope * |i + Nk - Nq - j|`` (FlashAttention's
+            bottom-right aligned convention); no gradient.
+        score_mod: a :class:`tileattn.ScoreMod` (user Triton score function and its derivative).
+            Order per score: ``s = scale * q.k`` -> score_mod -> ALiBi -> soft-cap (Gemma-2 order) ->
+            masks -> softmax -> dropout.
+        dropout_p: attention dropout on the probabilities (kept ones scaled by 1 / (1 - dropout_p)),
+            applied whenever > 0 (like SDPA). Philox keyed by (seed, offset, b, h, i, j), regenerated in
+            the backward (no mask stored); see :func:`dropout_mask`.
+        generator: the torch.Generator the dropout seed / offset are drawn from (default: torch's default
+            generator of q's device), so consecutive calls differ and ``torch.manual_seed`` reproduces
+            them; the same draw gives bitwise-identical output and gradients.
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, and with ``return_lse`` also lse (B, Hq, Nq) float32 (natural
@@ -205,7 +405,8 @@ def attention(
         gradients.
     """
     return _attention(q, k, v, causal=causal, window=window, block_mask=block_mask, scale=scale,
-                      return_lse=return_lse)
+                      return_lse=return_lse, softcap=softcap, alibi_slopes=alibi_slopes, score_mod=score_mod,
+                      dropout_p=dropout_p, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------------

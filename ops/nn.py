@@ -50,9 +50,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     or (N, num_heads, L, S); unbatched without N), computed by the Triton weights kernel from q, k and
     the LSE of the fused forward, so the attention itself stays fused.
 
-    Differences from torch: the returned weights carry no gradient; a query row whose keys are all
+    Attention dropout (``dropout`` > 0 in training mode) runs fused in the kernels (Philox keyed per
+    element, seeded from torch's default generator). Differences from torch: the returned weights carry no
+    gradient and are the pre-dropout probabilities; a query row whose keys are all
     masked returns output 0 and weights 0 where torch returns NaN. Falls back to torch's implementation
-    with a one-time warning for: attention dropout > 0 in training mode, dtypes other than float16 /
+    with a one-time warning for: dtypes other than float16 /
     bfloat16 / float32, head dims above 256, nested tensors, empty inputs, and float masks that require
     grad.
     """
@@ -61,8 +63,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         for m in (key_padding_mask, attn_mask):
             if dispatching_subclass(m):
                 return f"a {type(m).__name__} mask (a tensor subclass torch dispatches itself; not a dense mask)"
-        if self.training and self.dropout > 0.0:
-            return "attention dropout > 0 in training mode (the fused kernels have no attention dropout)"
         if any(x.is_nested for x in (query, key, value)):
             return "nested tensors are not supported"
         if query.dtype not in SUPPORTED_DTYPES:
@@ -199,7 +199,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         qh = q.unflatten(-1, (H, hd)).transpose(1, 2)
         kh = k.unflatten(-1, (H, hd)).transpose(1, 2)
         vh = v.unflatten(-1, (H, hd)).transpose(1, 2)
-        res = _sdpa_4d(qh, kh, vh, bias, use_causal, None, return_lse=need_weights)
+        res = _sdpa_4d(qh, kh, vh, bias, use_causal, None, return_lse=need_weights,
+                       dropout_p=self.dropout if self.training else 0.0)
         o, lse = res if need_weights else (res, None)
         out = F.linear(o.transpose(1, 2).reshape(N, L, E), self.out_proj.weight, self.out_proj.bias)
 

@@ -69,6 +69,11 @@ def attention_ref(
     scale: Optional[float] = None,
     upcast: bool = False,
     bias: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    score_mod=None,
+    dropout_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention; returns ``(out, lse)``.
 
@@ -76,6 +81,13 @@ def attention_ref(
     key/value head ``h // (Hq // Hkv)``, like SDPA ``enable_gqa``). ``mask``: boolean, broadcastable
     to (B, Hq, Nq, Nk), True = attend; combined (AND) with ``causal`` / ``window``. ``bias``: float,
     broadcastable to (B, Hq, Nq, Nk), added to the scaled scores (SDPA's float ``attn_mask``).
+
+    Score mods, in order, on the scaled scores ``s``: ``score_mod(s, b, h, q_idx, kv_idx)`` (a PyTorch
+    function on broadcast (B, 1, 1, 1) / (1, Hq, 1, 1) / (1, 1, Nq, 1) / (1, 1, 1, Nk) index tensors),
+    ALiBi ``s - slope[b, h] |i + Nk - Nq - j|`` (``alibi_slopes`` (Hq,) or (B, Hq)), soft-cap
+    ``softcap * tanh(s / softcap)``; then ``bias``, the masks and the softmax (the LSE is of these
+    scores). ``dropout_mask`` (bool, broadcastable to (B, Hq, Nq, Nk), True = kept) with ``dropout_p``:
+    out = (P * mask / (1 - dropout_p)) V.
 
     With ``upcast`` everything is computed in float64 (the ground truth). Without it, the matmuls
     run in the input dtype and the softmax in float32 (what a same-dtype PyTorch program does).
@@ -90,6 +102,17 @@ def attention_ref(
     k, v = _expand_kv(k, hq), _expand_kv(v, hq)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     s = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    if score_mod is not None:
+        b, h, i, j = (torch.arange(n, device=q.device).reshape([-1 if a == x else 1 for a in range(4)])
+                      for x, n in enumerate((q.shape[0], hq, nq, nk)))
+        s = score_mod(s, b, h, i, j)
+    if alibi_slopes is not None:
+        sl = alibi_slopes.to(device=s.device, dtype=s.dtype)
+        sl = sl.reshape(1, hq, 1, 1) if sl.dim() == 1 else sl.reshape(-1, hq, 1, 1)
+        dist = (torch.arange(nq, device=q.device)[:, None] + (nk - nq) - torch.arange(nk, device=q.device)[None, :])
+        s = s - sl * dist.abs().to(s.dtype)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         s = s + bias.to(device=s.device, dtype=s.dtype)
     ok = visible_mask(nq, nk, causal=causal, window=window, device=q.device)
@@ -102,6 +125,9 @@ def attention_ref(
     l = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(l > 0, l, torch.ones_like(l))
     lse = torch.where(l > 0, m + torch.log(torch.where(l > 0, l, torch.ones_like(l))), torch.full_like(l, -math.inf))
+    if dropout_mask is not None:
+        keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+        p = p * dropout_mask.to(device=p.device, dtype=p.dtype) * keep_scale
     out = torch.matmul(p.to(v.dtype), v)
     if not upcast:
         out = out.to(dtype)

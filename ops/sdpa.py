@@ -36,11 +36,13 @@ def _sdpa_4d(
     scale: Optional[float],
     return_lse: bool = False,
     lower_right: bool = False,
+    dropout_p: float = 0.0,
+    softcap: Optional[float] = None,
 ):
     """Internal: (B, Hq, L, E) / (B, Hkv, S, E) / (B, Hkv, S, Ev) inputs (Hq % Hkv == 0), ``bias`` a bool
     (True = attend) or float mask broadcastable to (B, Hq, L, S) or None, ``is_causal`` top-left aligned
-    (never together with ``bias``), ``lower_right``: bottom-right aligned causal (tileattn's ``causal``).
-    Runs the fused op."""
+    (never together with ``bias``), ``lower_right``: bottom-right aligned causal (tileattn's ``causal``),
+    ``dropout_p`` / ``softcap`` as :func:`tileattn.attention`. Runs the fused op."""
     from tileattn.attention import _attention
 
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -51,7 +53,7 @@ def _sdpa_4d(
     if block_mask is not None:
         bias = None
     return _attention(q, k, v, causal=causal, window=window, block_mask=block_mask, bias=bias, scale=scale,
-                      return_lse=return_lse)
+                      return_lse=return_lse, dropout_p=dropout_p, softcap=softcap)
 
 
 # A boolean mask this large whose blocks are at least this empty runs as a BlockMask (empty blocks skipped).
@@ -124,9 +126,9 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p) -> Optional[str]:
     if dispatching_subclass(attn_mask):
         return (f"attn_mask is a {type(attn_mask).__name__} (a tensor subclass that torch's SDPA dispatches "
                 "itself; its storage is not a dense mask)")
-    if dropout_p > 0.0:
-        return "dropout_p > 0 (the fused kernels have no attention dropout)"
     nested = any(x.is_nested for x in (query, key, value))
+    if nested and dropout_p > 0.0:
+        return "dropout_p > 0 with nested tensors (the varlen kernels have no dropout)"
     if nested and _nested_reason(query, key, value, attn_mask) is not None:
         return _nested_reason(query, key, value, attn_mask)
     if query.dtype not in SUPPORTED_DTYPES:
@@ -223,7 +225,9 @@ def scaled_dot_product_attention(
             broadcastable to (..., Hq, L, S), or torch's ``CausalBias``
             (``torch.nn.attention.bias.causal_upper_left`` = ``is_causal``; ``causal_lower_right`` =
             bottom-right causal). Other tensor subclasses with their own ``__torch_function__`` go to torch.
-        dropout_p: attention dropout probability; > 0 falls back to torch (no dropout in the kernels).
+        dropout_p: attention dropout probability, fused in the kernels (Philox, regenerated in the backward;
+            seeds drawn from torch's default generator of the inputs' device, so ``torch.manual_seed``
+            reproduces a call). Applied whenever > 0, like torch.
         is_causal: top-left aligned causal mask like torch (query i sees key j iff j <= i); an error
             together with ``attn_mask``.
         scale: softmax scale, default 1/sqrt(E).
@@ -239,9 +243,9 @@ def scaled_dot_product_attention(
     structure; ``is_causal`` there needs equal query / key lengths per sequence, ``enable_gqa`` works.
 
     Falls back to ``torch.nn.functional.scaled_dot_product_attention`` with a one-time warning saying why
-    for: ``dropout_p > 0``, strided-layout nested tensors or nested with an ``attn_mask``, dtypes other
-    than float16 / bfloat16 / float32, head dims above 256, empty inputs, and a float ``attn_mask`` that
-    requires grad (while grad is enabled).
+    for: nested tensors with dropout, holes, the strided layout or an ``attn_mask``, dtypes other than
+    float16 / bfloat16 / float32, head dims above 256, empty inputs, and a float ``attn_mask`` that requires
+    grad (while grad is enabled).
     """
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, torch.Tensor):
@@ -325,5 +329,5 @@ def scaled_dot_product_attention(
 
     q4, k4, v4 = to4(query, hq, L, E), to4(key, hk, S, E), to4(value, hk, S, Ev)
     bias = None if attn_mask is None else _mask_4d(attn_mask, batch, bflat)
-    out = _sdpa_4d(q4, k4, v4, bias, is_causal, scale, lower_right=lower_right)
+    out = _sdpa_4d(q4, k4, v4, bias, is_causal, scale, lower_right=lower_right, dropout_p=float(dropout_p))
     return out.reshape(L, Ev) if unbatched else out.reshape(*batch, hq, L, Ev)

@@ -1,7 +1,7 @@
 """Seeded differential fuzzer: tileattn against float64 references written here from the README's semantics.
 
 One case is drawn per seed (``case(seed)``) and checked by ``run(case)``: random shapes, strides, GQA ratios,
-causal flags, windows, block masks (random layouts / predicates, also rebuilt through the validated
+causal flags, windows, soft-caps, ALiBi slopes, dropout, block masks (random layouts / predicates, also rebuilt through the validated
 low-level constructor), SDPA masks (bool / float, broadcast, top-left causal, torch's ``CausalBias``),
 lightning decays and states, the decode step. Failures raise AssertionError whose first line is the replay
 command. Used by ``tests/test_fuzz.py`` (small budget in CI, ``pytest -m fuzz`` for a large one) and
@@ -48,19 +48,29 @@ def _dtype(rng):
 # --------------------------------------------------------------------------------------------------
 # float64 references from the documented semantics
 # --------------------------------------------------------------------------------------------------
-def softmax_ref(q, k, v, visible, scale, bias=None):
+def softmax_ref(q, k, v, visible, scale, bias=None, softcap=None, alibi=None, keep=None, p_drop=0.0):
     """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) in any dtype; ``visible`` bool broadcastable
     to (B, Hq, Nq, Nk); ``bias`` float added to the scaled scores. GQA: query head h uses kv head
-    h // (Hq // Hkv). Rows with no visible key: out 0, lse -inf. Returns (out, lse) in q's dtype."""
+    h // (Hq // Hkv). Rows with no visible key: out 0, lse -inf. Returns (out, lse) in q's dtype. README
+    score mods: ALiBi ``s - slope |i + Nk - Nq - j|`` (``alibi`` (Hq,) or (B, Hq)), then the soft-cap
+    ``c tanh(s / c)``, before the masks; dropout: probabilities times ``keep`` / (1 - p), LSE before it."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    nq, nk = s.shape[-2:]
+    if alibi is not None:
+        dist = (torch.arange(nq)[:, None] + nk - nq - torch.arange(nk)[None, :]).abs().to(s.dtype)
+        s = s - alibi.to(s.dtype).reshape(-1, q.shape[1], 1, 1) * dist
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         s = s + bias.to(s.dtype)
     s = s.masked_fill(~visible, -math.inf)
     lse = torch.logsumexp(s, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(s - safe[..., None])  # exp(-inf) = 0 for masked keys and empty rows
+    if keep is not None:
+        p = p * keep.to(p.dtype) / (1.0 - p_drop)
     return torch.matmul(p, v), lse
 
 
@@ -178,12 +188,28 @@ def run_attention(rng: random.Random, desc: list):
     q = _tensor(rng, (B, Hq, nq, D), dtype).requires_grad_()
     k = _tensor(rng, (B, Hkv, nk, D), dtype).requires_grad_()
     v = _tensor(rng, (B, Hkv, nk, Dv), dtype).requires_grad_()
-    out, lse = tileattn.attention(q, k, v, causal=causal, window=window, block_mask=bm, scale=scale, return_lse=True)
+    # score mods and dropout (drawn last: the inputs above stay those of the seed before they existed)
+    softcap = rng.choice((None, None, 1.0, 4.0))
+    alibi = torch.rand(*rng.choice(((Hq,), (B, Hq))), generator=torch.Generator().manual_seed(rng.randrange(1 << 30))) \
+        if rng.random() < 0.3 else None
+    p_drop = rng.choice((0.0, 0.0, 0.0, 0.2))
+    desc.append(f"  softcap={softcap} alibi={None if alibi is None else tuple(alibi.shape)} dropout_p={p_drop}")
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    state = gen.get_state()
+    out, lse = tileattn.attention(q, k, v, causal=causal, window=window, block_mask=bm, scale=scale, return_lse=True,
+                                  softcap=softcap, alibi_slopes=None if alibi is None else alibi.to(DEVICE),
+                                  dropout_p=p_drop, generator=gen)
+    keep = None
+    if p_drop:
+        gen.set_state(state)
+        seed, offset = torch.randint(0, 2 ** 62, (2,), generator=gen).tolist()
+        keep = tileattn.dropout_mask(q, k, dropout_p=p_drop, seed=seed, offset=offset).cpu()
     vis = band_visible(nq, nk, causal, window)
     if dense is not None:
         vis = vis & dense
     sc = scale if scale is not None else 1 / math.sqrt(D)
-    _compare("attention", (out, lse), lambda q, k, v: softmax_ref(q, k, v, vis, sc), (q, k, v), dtype)
+    _compare("attention", (out, lse), lambda q, k, v: softmax_ref(q, k, v, vis, sc, softcap=softcap, alibi=alibi,
+                                                                    keep=keep, p_drop=p_drop), (q, k, v), dtype)
 
 
 def run_sdpa(rng: random.Random, desc: list):

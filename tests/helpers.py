@@ -79,12 +79,13 @@ def poison_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def run_case(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, *, causal=False, window=None, layout="bhnd", scale=None,
-             device=DEVICE, check_grad=True, block_mask=None, bias=None, floor=None):
+             device=DEVICE, check_grad=True, block_mask=None, bias=None, floor=None, mods=None, ref_mods=None):
     """Run ``tileattn.attention`` forward + backward on fresh random inputs and check out, LSE, dq, dk, dv
     against the float64 reference with the flash-attention rule (baseline: same-dtype PyTorch); ``floor``
     overrides the dtype's absolute floor (e.g. TF32_FLOOR for fp32 on GPU). ``bias``: a bool (True = attend)
     or float (added to the scaled scores) tensor broadcastable to (B, Hq, Nq, Nk), through the internal
-    ``_attention`` entry point the SDPA drop-in uses."""
+    ``_attention`` entry point the SDPA drop-in uses. ``mods``: extra keyword arguments of the op (score
+    mods), ``ref_mods`` those of ``attention_ref``."""
     import tileattn
     from tileattn.attention import _attention
     from tileattn.reference import attention_ref
@@ -93,6 +94,7 @@ def run_case(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, *, causal=False, window=None, lay
     k = randn(B, Hkv, Nk, D, dtype=dtype, device=device, layout=layout, requires_grad=True)
     v = randn(B, Hkv, Nk, Dv, dtype=dtype, device=device, layout=layout, requires_grad=True)
     extra = {} if bias is None else {"bias": bias}
+    extra.update(mods or {})
     out, lse = (_attention if bias is not None else tileattn.attention)(
         q, k, v, causal=causal, window=window, scale=scale, block_mask=block_mask, return_lse=True, **extra)
     mask = None if block_mask is None else block_mask.to_dense()
@@ -108,7 +110,7 @@ def run_case(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, *, causal=False, window=None, lay
     for name, upcast in (("64", True), ("lp", False)):
         qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
         o, l = attention_ref(qq, kk, vv, causal=causal, window=window, mask=mask, bias=ref_bias, scale=scale,
-                             upcast=upcast)
+                             upcast=upcast, **(ref_mods or {}))
         refs[name] = (qq, kk, vv, o, l)
     q64, k64, v64, o64, l64 = refs["64"]
     qlp, klp, vlp, olp, llp = refs["lp"]

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import triton
 
 import tileattn
 from tileattn import BlockMask, masks as M
@@ -55,6 +56,11 @@ def lists(**change):
 
 def light(q=Q, k=K, v=V, decay=RATES, **kw):
     return lambda: tileattn.lightning_attention(q, k, v, decay, **kw)
+
+
+@triton.jit
+def _jit_mod(s, b, h, q_idx, kv_idx):
+    return s
 
 
 def decode(q=Q[:, :, :1], k=K[:, :, :1], v=V[:, :, :1], state=S0, decay=RATES, **kw):
@@ -122,6 +128,30 @@ CATALOGUE = {
     ("attention", "return_lse flag"): (attn(return_lse=1), TypeError, "return_lse must be a bool"),
     ("attention", "block_mask type"): (attn(block_mask=BM.to_dense()), TypeError, "tileattn.BlockMask"),
     ("attention", "block_mask lengths"): (attn(q=t(1, 2, 9, 16), block_mask=BM), ValueError, "q_len=9"),
+    ("attention", "softcap value"): (attn(softcap=0.0), ValueError, "softcap must be a finite float > 0"),
+    ("attention", "softcap nan"): (attn(softcap=math.nan), ValueError, "softcap must be a finite float > 0"),
+    ("attention", "softcap type"): (attn(softcap=True), TypeError, "softcap must be a float > 0"),
+    ("attention", "alibi type"): (attn(alibi_slopes=[0.1, 0.2]), TypeError, "alibi_slopes must be a torch.Tensor"),
+    ("attention", "alibi dtype"): (attn(alibi_slopes=t(2).half()), TypeError, "alibi_slopes must be float32"),
+    ("attention", "alibi shape"): (attn(alibi_slopes=t(3)), ValueError, "(Hq,) = (2,) or (B, Hq) = (1, 2)"),
+    ("attention", "alibi device"): (attn(alibi_slopes=t(2).to("meta")), ValueError, "alibi_slopes is on meta"),
+    ("attention", "score_mod type"): (attn(score_mod=lambda s: s), TypeError, "score_mod must be a tileattn.ScoreMod"),
+    ("attention", "dropout value"): (attn(dropout_p=1.5), ValueError, "dropout_p must be in [0, 1]"),
+    ("attention", "dropout type"): (attn(dropout_p=True), TypeError, "dropout_p must be a float"),
+    ("attention", "generator type"): (attn(dropout_p=0.1, generator=3), TypeError, "generator must be a torch.Generator"),
+    ("ScoreMod", "not a Triton function"): (lambda: tileattn.ScoreMod(lambda *a: a[0], None), TypeError,
+                                            "@triton.jit function"),
+    ("ScoreMod", "too many tensors"): (lambda: tileattn.ScoreMod(_jit_mod, None, *[t(2)] * 3), ValueError,
+                                       "at most 2 extra tensors"),
+    ("ScoreMod", "arity"): (lambda: tileattn.ScoreMod(_jit_mod, None, t(2)), ValueError, "expected 5 + 1"),
+    ("ScoreMod", "tensor type"): (lambda: tileattn.ScoreMod(_jit_mod, None, [1.0]), TypeError,
+                                  "ScoreMod tensor 0 must be a torch.Tensor"),
+    ("dropout_mask", "seed"): (lambda: tileattn.dropout_mask(Q, K, dropout_p=0.1, seed=-1, offset=0), ValueError,
+                               "seed must be in [0, 2**63)"),
+    ("dropout_mask", "offset type"): (lambda: tileattn.dropout_mask(Q, K, dropout_p=0.1, seed=1, offset=0.5),
+                                      TypeError, "offset must be an int"),
+    ("dropout_mask", "p"): (lambda: tileattn.dropout_mask(Q, K, dropout_p=2.0, seed=1, offset=0), ValueError,
+                            "dropout_p must be in [0, 1]"),
     # ---- scaled_dot_product_attention
     ("sdpa", "not a tensor"): (sdpa(Q, K.tolist(), V), TypeError, "key must be a torch.Tensor"),
     ("sdpa", "rank"): (sdpa(Q, K[0], V), ValueError, "same number (>= 2) of dims"),
@@ -225,5 +255,6 @@ def test_bad_input(key):
 
 def test_catalogue_covers_every_public_function():
     funcs = {f for f, _ in CATALOGUE}
-    assert funcs == {"attention", "attention_varlen", "attention_with_kvcache", "sdpa", "weights", "create_block_mask", "BlockMask", "lightning", "decode",
-                     "MultiheadAttention", "LightningAttention"}
+    assert funcs == {"attention", "attention_varlen", "attention_with_kvcache", "sdpa", "weights", "create_block_mask",
+                     "BlockMask", "lightning", "decode", "MultiheadAttention", "LightningAttention", "ScoreMod",
+                     "dropout_mask"}

@@ -224,3 +224,44 @@ def test_masked_rows_have_no_nan(dtype):
     assert not any(torch.isnan(x).any() for x in (out, q.grad, k.grad, v.grad))
     assert (out[:, :, rows] == 0).all() and torch.isneginf(lse[:, :, rows]).all()
     assert (q.grad[:, :, rows] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ score mods, dropout
+@pytest.mark.parametrize(
+    "Nq,Nk,D,dtype,causal,mod",
+    [
+        pytest.param(4096, 4096, 128, BF16, True, "softcap", id="4k-d128-bf16-causal-softcap"),
+        pytest.param(2048, 3000, 64, FP16, False, "alibi", id="ragged-d64-fp16-alibi"),
+        pytest.param(2048, 2048, 256, BF16, True, "scoremod", id="2k-d256-bf16-causal-scoremod"),
+    ],
+)
+def test_score_mods_at_scale(Nq, Nk, D, dtype, causal, mod):
+    from test_score_mods import R, rel_bias, rel_bias_grad, rel_bias_ref
+
+    slopes = torch.rand(4, device=DEVICE) * 0.1
+    table = torch.randn(4, R + 1, device=DEVICE)
+    mods, ref = {"softcap": ({"softcap": 5.0}, {"softcap": 5.0}),
+                 "alibi": ({"alibi_slopes": slopes, "softcap": 5.0}, {"alibi_slopes": slopes, "softcap": 5.0}),
+                 "scoremod": ({"score_mod": tileattn.ScoreMod(rel_bias, rel_bias_grad, table)},
+                              {"score_mod": rel_bias_ref(table)})}[mod]
+    run_case(1, 4, 2, Nq, Nk, D, D, dtype, causal=causal, mods=mods, ref_mods=ref, floor=_floor(dtype))
+
+
+def test_dropout_at_scale_and_bitwise():
+    """Dropout at 2k: equals the reference fed dropout_mask's mask; same generator seed -> bitwise-equal
+    output and gradients."""
+    q, k, v = (randn(1, 4, 2048, 128, dtype=BF16, requires_grad=True) for _ in range(3))
+    res = []
+    for _ in range(2):
+        gen = torch.Generator(device=DEVICE).manual_seed(3)
+        state = gen.get_state()
+        out = tileattn.attention(q, k, v, causal=True, dropout_p=0.1, generator=gen)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        res.append([out] + list(grads))
+    assert all(torch.equal(a, b) for a, b in zip(*res))
+    gen.set_state(state)
+    seed, offset = torch.randint(0, 2 ** 62, (2,), generator=gen, device=DEVICE).tolist()
+    keep = tileattn.dropout_mask(q, k, dropout_p=0.1, seed=seed, offset=offset, causal=True)
+    o64, _ = reference.attention_ref(q, k, v, causal=True, upcast=True, dropout_mask=keep, dropout_p=0.1)
+    olp, _ = reference.attention_ref(q, k, v, causal=True, dropout_mask=keep, dropout_p=0.1)
+    assert_close("out", res[0][0], o64, olp, dtype=BF16)

@@ -119,3 +119,33 @@ def test_llama_packed_batch_equals_unpacked(how):
     assert g.keys() == g_ref.keys()
     for n in g:
         torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_gemma2_softcap_logits_match_eager():
+    """A tiny Gemma-2-style model (attention-logit soft-capping, GQA, alternating sliding-window layers):
+    transformers passes ``softcap`` to the fused kernels; logits match the eager implementation (float64
+    eager reference, float32 eager baseline)."""
+    cfg = transformers.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64,
+                                    attn_logit_softcapping=1.5, query_pre_attn_scalar=16, sliding_window=6)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager")
+    with torch.no_grad():  # logits of a few units, so that the cap bends them
+        for layer in ref.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.k_proj.weight.mul_(12.0)
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="tileattn")
+    ours.load_state_dict(ref.state_dict())
+    nocap_cfg = copy.deepcopy(cfg)
+    nocap_cfg.attn_logit_softcapping = None
+    nocap = transformers.AutoModelForCausalLM.from_config(nocap_cfg, attn_implementation="eager")
+    nocap.load_state_dict(ref.state_dict())
+    ref, ours, nocap = ref.to(DEVICE).eval(), ours.to(DEVICE).eval(), nocap.to(DEVICE).eval()
+    ids = torch.randint(0, 128, (2, 13), device=DEVICE)
+    with torch.no_grad():
+        a = ref(ids).logits
+        b = ours(ids).logits
+        a64 = copy.deepcopy(ref).double()(ids).logits
+        c = nocap(ids).logits
+    assert not torch.allclose(a, c, atol=1e-3)  # the soft-cap matters at this scale
+    assert_close("logits", b, a64, a, dtype=torch.float32, floor=1e-5)

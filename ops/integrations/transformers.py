@@ -39,7 +39,7 @@ def tileattn_attention_forward(
         attention_mask: None, or a 4-d (B or 1, 1, L, S) mask as transformers builds it: bool
             (True = attend, what the ``sdpa`` mask function gives) or float (added to the scores).
             Sliding-window and padding patterns arrive folded into this mask.
-        dropout: attention dropout (> 0, i.e. training with dropout, falls back to torch with a warning).
+        dropout: attention dropout, fused in the kernels (transformers passes 0.0 in eval mode).
         scaling: softmax scale (default 1/sqrt(D)).
         is_causal: as transformers' sdpa integration: causal (top-left aligned) only when there is no
             mask and L > 1.
@@ -48,11 +48,13 @@ def tileattn_attention_forward(
             ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (+ ``max_length_q`` / ``max_length_k``) or a single row
             of ``position_ids`` that restart; the 4-d mask transformers built for it is then not read.
 
+        softcap (keyword): attention-logit soft-capping ``softcap * tanh(s / softcap)`` (Gemma-2's
+            ``attn_logit_softcapping``), applied in the kernels before the mask like transformers' eager path.
+
     Returns:
         ``(out, None)`` with out (B, L, Hq, D) contiguous; attention weights are not returned.
     """
-    if kwargs.get("softcap") is not None:
-        raise ValueError("tileattn attention does not support softcap; use attn_implementation='eager'")
+    softcap = kwargs.get("softcap")
     if kwargs.get("output_attentions", False):
         warn_once("hf-output-attentions", "tileattn attention does not return attention weights "
                   "(output_attentions); use tileattn.attention_weights on q and k instead.")
@@ -63,10 +65,16 @@ def tileattn_attention_forward(
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
-    out = scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=float(dropout), is_causal=is_causal,
-        scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
-    )
+    if softcap is not None:  # 4-d GQA inputs and mask as transformers builds them: the fused op directly
+        from tileattn.sdpa import _sdpa_4d
+
+        out = _sdpa_4d(query, key, value, attention_mask, is_causal, scaling, dropout_p=float(dropout),
+                       softcap=float(softcap))
+    else:
+        out = scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=float(dropout), is_causal=is_causal,
+            scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -125,6 +133,9 @@ def _varlen_forward(module, query, key, value, packed, dropout, scaling, is_caus
     if dropout and float(dropout) > 0.0:
         raise ValueError("tileattn attention: attention dropout with packed sequences is not supported; "
                          "set the model's attention_dropout to 0")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("tileattn attention: soft-capping with packed sequences is not supported "
+                         "(attention_varlen has no softcap); unpack the batch or use attn_implementation='eager'")
     cu_q, cu_k, max_q, max_k = packed
     sw = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     window = (int(sw) - 1, -1) if (sw is not None and is_causal) else None  # transformers: j > i - sliding_window
