@@ -23,10 +23,12 @@ Three phases (fla ``chunk_simple_gla`` structure; the Lightning-2 sequential int
 
 1. ``_chunk_state_kernel``, grid (state tiles, chunks, B*H), parallel: each chunk's contribution ``H_c``
    [BK, BV] (forward: ``(exp(b_L - b_j) K)^T V``; backward: ``scale (exp(b_i) Q)^T dO``) and its total
-   log-decay ``b_L``.
+   log-decay ``b_L`` (fp32).
 2. ``_chunk_scan_kernel``, grid (state slices, sequences*H), sequential over the chunks: only the combine
-   ``S <- exp(b_L) S + H_c`` (reverse order for the gradient of the state), in place: slot ``c`` ends up
-   holding the state entering chunk ``c`` (forward) or the gradient of the state leaving it (backward).
+   ``S <- exp(b_L) S + H_c`` in fp32 (reverse order for the gradient of the state); it writes the state
+   entering chunk ``c`` (forward) or the gradient of the state leaving it (backward) to slot ``c`` of a
+   second buffer (bf16 for bf16 inputs, like fla's ``h``: phase 3 uses it as a bf16 dot operand), and the
+   last state in fp32.
 3. ``_chunk_out_kernel``, grid (output tiles, chunks, B*H), parallel: the intra-chunk term plus the state
    term, in four variants (output, dq, dk, dv), all of the form ``((A B^T) * M) C + (w * A) S``.
 
@@ -188,13 +190,13 @@ def _chunk_state_kernel(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _chunk_scan_kernel(
-    hc, gl, h0, ht, cu, coff,
+    hc, gl, h0, hs, ht, cu, coff,
     H, N, NT, DDV,
     REVERSE: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, BLK: tl.constexpr,
 ):
-    # forward: S <- exp(b_L) S + H_c over chunks in order, slot c := S entering chunk c, ht := S after all.
-    # REVERSE: G <- exp(b_L) G + H_c in reverse, slot c := G leaving chunk c (dS_next), ht := dS_{-1} (dh0).
+    # forward: S <- exp(b_L) S + H_c (hc: fp32) over chunks in order, hs[c] := S entering chunk c, ht := S
+    # after all. REVERSE: G <- exp(b_L) G + H_c in reverse, hs[c] := G leaving chunk c (dS_next), ht := dh0.
     i_e, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     o_e = i_e * BLK + tl.arange(0, BLK)
@@ -213,10 +215,9 @@ def _chunk_scan_kernel(
             i_s = (c0 + nt - 1 - i) * H + i_h
         else:
             i_s = (c0 + i) * H + i_h
-        p_h = hc + i_s.to(tl.int64) * DDV + o_e
-        b_c = tl.load(p_h, mask=m_e, other=0.0).to(tl.float32)  # [BLK]
+        b_c = tl.load(hc + i_s.to(tl.int64) * DDV + o_e, mask=m_e, other=0.0)  # [BLK]
         b_d = tl.exp2(tl.load(gl + i_s))
-        tl.store(p_h, b_h.to(hc.dtype.element_ty), mask=m_e)
+        tl.store(hs + i_s.to(tl.int64) * DDV + o_e, b_h.to(hs.dtype.element_ty), mask=m_e)
         b_h = b_h * b_d + b_c
     tl.store(ht + i_nh.to(tl.int64) * DDV + o_e, b_h, mask=m_e)
 
@@ -344,7 +345,7 @@ class Plan(NamedTuple):
     num_stages: int
     prec: str  # tl.dot input_precision
     scaled: bool  # power-of-two scaling of the state before its 16-bit dots
-    state_dtype: torch.dtype  # chunk-state buffers: bf16 for bf16 inputs (like fla's h), else fp32
+    state_dtype: torch.dtype  # scanned per-chunk states: bf16 for bf16 inputs (like fla's h), else fp32
 
 
 def plan(D: int, DV: int, dtype: torch.dtype, block_size: Optional[int] = None) -> Plan:
@@ -354,9 +355,9 @@ def plan(D: int, DV: int, dtype: torch.dtype, block_size: Optional[int] = None) 
     output / dv tile is [BD, BV] of the state and [BT, BD] of q / k (``BV`` at most 64, 32 for bf16 with
     padded D >= 128, and fp16 at most 2048 elements at chunk >= 32); the dq / dk tile [BDV, BK] (at most
     8192 / 4096 / 2048 elements for bf16 / fp16 / fp32). Phase 1 tiles are [64, 64] (clipped to the dims),
-    phase 2 combines 1024 state elements per program. Chunk states are stored in bf16 for bf16 inputs
-    (they are dot operands in bf16 anyway; the scan accumulates in fp32), in fp32 otherwise (fp16's range
-    is too small for a long undecayed state). Every default config compiles for sm_80 / sm_90 without
+    phase 2 combines 1024 state elements per program. Chunk contributions and the scan are fp32; the
+    scanned per-chunk states phase 3 reads are stored in bf16 for bf16 inputs (they are bf16 dot operands
+    anyway), in fp32 otherwise (fp16's range is too small for a long undecayed state). Every default config compiles for sm_80 / sm_90 without
     spills under Triton 3.6 and 3.9 (see aot_specs)."""
     BD, BDV = next_pow2(D), next_pow2(DV)
     wide = max(BD, BDV)
@@ -445,8 +446,10 @@ def _strides(x: torch.Tensor) -> Tuple[int, int, int]:
 
 
 def _states(a, b, g, rates, scale, h0, ch: _Chunks, p: Plan, B, H, N, D, DV, reverse: bool, gl, names):
-    """Phases 1 + 2: per-chunk states (in place in one (slots, H, D, Dv) buffer) and the last state."""
-    hc = alloc(ch.NT * (1 if ch.varlen else B), H, D, DV, device=a.device, dtype=p.state_dtype)
+    """Phases 1 + 2: per-chunk states (slots, H, D, Dv) and the last state (nseq, H, D, Dv) fp32."""
+    slots = ch.NT * (1 if ch.varlen else B)
+    hc = alloc(slots, H, D, DV, device=a.device, dtype=torch.float32)
+    hs = alloc(slots, H, D, DV, device=a.device, dtype=p.state_dtype)
     grid = (triton.cdiv(D, p.SK) * triton.cdiv(DV, p.SV), ch.NT, B * H)
     gdum = rates if g is None else g
     _chunk_state_kernel[grid](
@@ -459,12 +462,12 @@ def _states(a, b, g, rates, scale, h0, ch: _Chunks, p: Plan, B, H, N, D, DV, rev
     ht = alloc(ch.nseq, H, D, DV, device=a.device, dtype=torch.float32)
     grid = (triton.cdiv(D * DV, p.SBLK), ch.nseq * H)
     _chunk_scan_kernel[grid](
-        hc, gl, h0 if h0 is not None else ht, ht, ch.cu, ch.coff, H, N, ch.NT, D * DV,
+        hc, gl, h0 if h0 is not None else ht, hs, ht, ch.cu, ch.coff, H, N, ch.NT, D * DV,
         REVERSE=reverse, USE_H0=h0 is not None, IS_VARLEN=ch.varlen, BT=p.BT, BLK=p.SBLK,
         num_warps=4, num_stages=2,
     )
     _record(names[1], grid, ch.NT if not ch.varlen else triton.cdiv(N, p.BT))
-    return hc, ht
+    return hs, ht
 
 
 def _out(kind, a, b, c, x, g, rates, scale, st, ch: _Chunks, p: Plan, B, H, N, DA, DC, dg=None):
@@ -615,14 +618,14 @@ def aot_specs() -> List[KernelSpec]:
         tags = {"dtype": dts, "D": D, "DV": DV, "BT": p.BT}
         kernels = []
         if dt != torch.float32 or D <= FP32_MAX_D:  # wider fp32 D never launches (the op splits D)
-            sig = {"a": pt, "b": pt, "g": pf, "s": pf, "cu": pi, "ctab": pi, "hc": ps, "gl": pf,
+            sig = {"a": pt, "b": pt, "g": pf, "s": pf, "cu": pi, "ctab": pi, "hc": pf, "gl": pf,
                    **_strided("a", "b"), "scale": "fp32", "H": "i32", "N": "i32", "D": "i32", "DV": "i32",
                    "NT": "i32"}
             for rev in (False, True):
                 cx = {"REVERSE": rev, **flags, "BT": p.BT, "BK": p.SK, "BV": p.SV, "DOT_F32": False,
                       "PREC": p.prec}
                 kernels.append((f"state{'_rev' if rev else ''}", _chunk_state_kernel, sig, cx, 4, 2))
-            sig = {"hc": ps, "gl": pf, "h0": pf, "ht": pf, "cu": pi, "coff": pi, "H": "i32", "N": "i32",
+            sig = {"hc": pf, "gl": pf, "h0": pf, "hs": ps, "ht": pf, "cu": pi, "coff": pi, "H": "i32", "N": "i32",
                    "NT": "i32", "DDV": "i32"}
             for rev in (False, True):
                 cx = {"REVERSE": rev, "USE_H0": True, "IS_VARLEN": True, "BT": p.BT, "BLK": p.SBLK}
