@@ -603,13 +603,15 @@ def _strided(*tensors: str) -> Dict[str, str]:
 def aot_specs() -> List[KernelSpec]:
     """Every kernel variant at the default plan for fp16 / bf16 / fp32 over ``_AOT_DIMS``: phase 1
     (forward / reverse), phase 2 (forward / reverse), phase 3 (out, dq, dk, dv), with per-token ``g`` and
-    packed sequences (the heavier variants), and the decode kernel. Pointers, strides and D / Dv are
+    packed sequences (the heavier variants), and the decode kernel; configs that compile to the same binary
+    (same kernel, signature and constexprs) are listed once. Pointers, strides and D / Dv are
     declared multiples of 16 (what the JIT specialises at run time for contiguous inputs with head dims
     that are multiples of 16)."""
     specs: List[KernelSpec] = []
     cases = [(dt, d, dv) for dt in (torch.float16, torch.bfloat16) for d, dv in _AOT_DIMS["16bit"]]
     cases += [(torch.float32, d, dv) for d, dv in _AOT_DIMS["fp32"]]
     flags = {"IS_VARLEN": True, "CONST_G": False}
+    seen = set()
     for dt, D, DV in cases:
         p = plan(D, DV, dt)
         pt, pf, pi, ps = ptr_type(dt), "*fp32", "*i32", ptr_type(p.state_dtype)
@@ -639,6 +641,11 @@ def aot_specs() -> List[KernelSpec]:
                       "SCALED": p.scaled, "DOT_F32": False, "PREC": p.prec}
                 kernels.append((kind, _chunk_out_kernel, sig, cx, p.num_warps, p.num_stages))
         for name, fn, sig, cx, warps, stages in kernels:
+            key = (fn.__name__ if hasattr(fn, "__name__") else name, tuple(sorted(sig.items())),
+                   tuple(sorted(cx.items())), warps, stages)
+            if key in seen:  # e.g. the scans (elementwise) and phase 1 at other head dims: same binary
+                continue
+            seen.add(key)
             sig = {**sig, **{c: "constexpr" for c in cx}}
             one = ("stride_sc",) if name in ("out", "dv") else ("stride_sa",)  # the unit state stride
             div16 = tuple(a for a, t in sig.items() if a not in one and a not in ("gl", "g", "ctab", "cu", "coff")
