@@ -303,6 +303,19 @@ def test_cpu_path_without_interpreter(monkeypatch):
     assert rel_err(out, out_k) < 1e-5 and rel_err(ht, ht_k) < 1e-5
     for a, b in zip(g, gk):
         assert rel_err(a, b) < 1e-5
+    # per-token decay over packed sequences: the same path, per sequence
+    cu = torch.tensor([0, 60, 60, 150], dtype=torch.int32)
+    gg = _log_decays(1, H, 150)
+    hp = torch.randn(3, H, 8, 8, requires_grad=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    res_k = lightning_attention(q, k, v, g=gg, initial_state=hp, cu_seqlens=cu, output_final_state=True)
+    grad_k = torch.autograd.grad(res_k[0].sum() + res_k[1].sum(), (q, k, v, hp, gg))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    res = lightning_attention(q, k, v, g=gg, initial_state=hp, cu_seqlens=cu, output_final_state=True)
+    grad = torch.autograd.grad(res[0].sum() + res[1].sum(), (q, k, v, hp, gg))
+    assert rel_err(res[0], res_k[0]) < 1e-5 and rel_err(res[1], res_k[1]) < 1e-5
+    for a, b in zip(grad, grad_k):
+        assert rel_err(a, b) < 1e-5
     o1, s1 = lightning_decode(q[:, :, :1].detach(), k[:, :, :1].detach(), v[:, :, :1].detach(), h0.detach(), decay)
     o1k, s1k = reference.linear_attention_recurrent_ref(q[:, :, :1], k[:, :, :1], v[:, :, :1], decay,
                                                          initial_state=h0)
