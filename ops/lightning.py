@@ -1,16 +1,16 @@
-"""Lightning attention (causal linear attention with per-head decay): public ops, torch.library custom ops
-with autograd, the decode step, TransNormerLLM decay rates and the ``LightningAttention`` module.
+"""Lightning attention (causal linear attention with per-head or per-token decay): public ops, torch.library
+custom ops with autograd, the decode step, the decay-rate helpers (OpenNLPLab and fla conventions) and the
+``LightningAttention`` module.
 
-Semantics, per batch and head, with rate ``s_h >= 0`` and ``lambda_h = exp(-s_h)`` (no decay when
-``decay is None``)::
+Semantics, per sequence and head, with ``lambda_t = exp(-s_h)`` (per-head rate ``s_h = decay[h] >= 0``) or
+``lambda_t = exp(g_t)`` (per-token log-decay ``g_t <= 0``, fla ``chunk_simple_gla``), or no decay::
 
-    S_t = lambda_h * S_{t-1} + k_t^T v_t        (D x Dv, S_{-1} = initial_state or 0)
+    S_t = lambda_t * S_{t-1} + k_t^T v_t        (D x Dv, S_{-1} = initial_state or 0)
     o_t = scale * q_t S_t
 
-equivalently ``o = scale * ((Q K^T) * M) V + scale * lambda^(t+1) q_t S_{-1}`` with
-``M[t, s] = lambda^(t-s)`` for ``s <= t``. The references are
-:func:`tileattn.reference.linear_attention_quadratic_ref` and
-:func:`tileattn.reference.linear_attention_recurrent_ref`.
+Packed sequences (``cu_seqlens``) restart the recurrence at every sequence start, each with its own state.
+The references are :func:`tileattn.reference.linear_attention_quadratic_ref`,
+:func:`tileattn.reference.linear_attention_recurrent_ref` and :func:`tileattn.reference.lightning_varlen_ref`.
 """
 from __future__ import annotations
 
