@@ -354,11 +354,12 @@ def plan(D: int, DV: int, dtype: torch.dtype, block_size: Optional[int] = None) 
     Chunk ``BT``: bf16 64 for padded head dims <= 128, else 32; fp16 / fp32 32 for <= 128, else 16. The
     output / dv tile is [BD, BV] of the state and [BT, BD] of q / k (``BV`` at most 64, 32 for bf16 with
     padded D >= 128, and fp16 at most 2048 elements at chunk >= 32); the dq / dk tile [BDV, BK] (at most
-    8192 / 4096 / 2048 elements for bf16 / fp16 / fp32). Phase 1 tiles are [64, 64] (clipped to the dims),
-    phase 2 combines 1024 state elements per program. Chunk contributions and the scan are fp32; the
-    scanned per-chunk states phase 3 reads are stored in bf16 for bf16 inputs (they are bf16 dot operands
-    anyway), in fp32 otherwise (fp16's range is too small for a long undecayed state). Every default config compiles for sm_80 / sm_90 without
-    spills under Triton 3.6 and 3.9 (see aot_specs)."""
+    8192 / 4096 / 2048 elements for bf16 / fp16 / fp32; ``BK <= 32`` for bf16 with padded D >= 256).
+    Phase 1 tiles are [64, 64] (clipped to the dims), phase 2 combines 1024 state elements per program.
+    Chunk contributions and the scan are fp32; the scanned per-chunk states phase 3 reads are stored in
+    bf16 for bf16 inputs (they are bf16 dot operands anyway), in fp32 otherwise (fp16's range is too small
+    for a long undecayed state). Every default config compiles for sm_80 / sm_90 without spills under
+    Triton 3.6 and 3.9 (see aot_specs)."""
     BD, BDV = next_pow2(D), next_pow2(DV)
     wide = max(BD, BDV)
     if dtype == torch.float32:
@@ -376,6 +377,8 @@ def plan(D: int, DV: int, dtype: torch.dtype, block_size: Optional[int] = None) 
     if dtype == torch.bfloat16 and BD >= 128:
         BV = min(BV, 32)
     BK = min(BD, 64, max(16, cap // BDV))
+    if dtype == torch.bfloat16 and BD >= 256:
+        BK = min(BK, 32)  # Triton 3.6 spills the bf16 dq / dk tile [64, 64] at D = 256 on sm_80
     SK, SV = min(BD, 64), min(BDV, 64)
     SBLK = min(1024, triton.next_power_of_2(D * DV))
     DEC_BV = min(BDV, max(16, 4096 // BD))

@@ -155,7 +155,8 @@ def _check_state(name: str, state, shape: Tuple[int, ...], q: torch.Tensor, lead
     if state is None:
         return None
     if not isinstance(state, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape ({lead}, H, D, Dv) or None, got {type(state).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({lead}, H, D, Dv) or None, "
+                        f"got {type(state).__name__}")
     if tuple(state.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape ({lead}, H, D, Dv) = {tuple(shape)}, got {tuple(state.shape)}")
     if state.dtype != torch.float32:
