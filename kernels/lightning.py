@@ -341,7 +341,8 @@ class Plan(NamedTuple):
     SV: int
     SBLK: int  # elements of the state each scan program combines
     DEC_BV: int  # Dv slice of the decode programs
-    num_warps: int
+    num_warps: int  # phase 3 (output, dv)
+    warps_dqk: int  # phase 3 (dq, dk)
     num_stages: int
     prec: str  # tl.dot input_precision
     scaled: bool  # power-of-two scaling of the state before its 16-bit dots
@@ -354,7 +355,8 @@ def plan(D: int, DV: int, dtype: torch.dtype, block_size: Optional[int] = None) 
     Chunk ``BT``: bf16 64 for padded head dims <= 128, else 32; fp16 / fp32 32 for <= 128, else 16. The
     output / dv tile is [BD, BV] of the state and [BT, BD] of q / k (``BV`` at most 64, 32 for bf16 with
     padded D >= 128, and fp16 at most 2048 elements at chunk >= 32); the dq / dk tile [BDV, BK] (at most
-    8192 / 4096 / 2048 elements for bf16 / fp16 / fp32; ``BK <= 32`` for bf16 with padded D >= 256).
+    8192 / 4096 / 2048 elements for bf16 / fp16 / fp32). 8 warps (dq / dk of bf16 with padded D >= 256 and
+    Dv <= 64: 4).
     Phase 1 tiles are [64, 64] (clipped to the dims), phase 2 combines 1024 state elements per program.
     Chunk contributions and the scan are fp32; the scanned per-chunk states phase 3 reads are stored in
     bf16 for bf16 inputs (they are bf16 dot operands anyway), in fp32 otherwise (fp16's range is too small
@@ -377,13 +379,14 @@ def plan(D: int, DV: int, dtype: torch.dtype, block_size: Optional[int] = None) 
     if dtype == torch.bfloat16 and BD >= 128:
         BV = min(BV, 32)
     BK = min(BD, 64, max(16, cap // BDV))
-    if dtype == torch.bfloat16 and BD >= 256:
-        BK = min(BK, 32)  # Triton 3.6 spills the bf16 dq / dk tile [64, 64] at D = 256 on sm_80
+    # bf16 dq / dk at padded D >= 256 with a narrow Dv: 8 warps spill a few bytes on sm_80 (both Tritons, for
+    # BK 32 or 64: ptxas caps them at 80 registers there); 4 warps do not
+    warps_dqk = 4 if dtype == torch.bfloat16 and BD >= 256 and BDV <= 64 else 8
     SK, SV = min(BD, 64), min(BDV, 64)
     SBLK = min(1024, triton.next_power_of_2(D * DV))
     DEC_BV = min(BDV, max(16, 4096 // BD))
     sdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    return Plan(BT, BD, BDV, BV, BK, SK, SV, SBLK, DEC_BV, 8, 2, "tf32", dtype == torch.float16, sdt)
+    return Plan(BT, BD, BDV, BV, BK, SK, SV, SBLK, DEC_BV, 8, warps_dqk, 2, "tf32", dtype == torch.float16, sdt)
 
 
 def lightning_work(N: int, D: int, DV: int, *, B: int = 1, H: int = 1, dtype: torch.dtype = torch.float16,
@@ -488,7 +491,7 @@ def _out(kind, a, b, c, x, g, rates, scale, st, ch: _Chunks, p: Plan, B, H, N, D
         float(scale), H, N, DA, DC, ch.NT,
         TRANS=trans, SCALE_S=not trans, DG=DG, IS_VARLEN=ch.varlen, CONST_G=g is None,
         BT=p.BT, BA=BA, BC=BC, SCALED=p.scaled, DOT_F32=interpreter_enabled(), PREC=p.prec,
-        num_warps=p.num_warps, num_stages=p.num_stages,
+        num_warps=p.warps_dqk if kind in ("dq", "dk") else p.num_warps, num_stages=p.num_stages,
     )
     _record("fwd_out" if kind == "out" else f"bwd_{kind}", grid, 1)
     return o
@@ -642,7 +645,8 @@ def aot_specs() -> List[KernelSpec]:
                                             ("dk", p.BDV, p.BK, True, -1), ("dv", p.BD, p.BV, True, 0)):
                 cx = {"TRANS": trans, "SCALE_S": not trans, "DG": dg, **flags, "BT": p.BT, "BA": BA, "BC": BC,
                       "SCALED": p.scaled, "DOT_F32": False, "PREC": p.prec}
-                kernels.append((kind, _chunk_out_kernel, sig, cx, p.num_warps, p.num_stages))
+                warps = p.warps_dqk if kind in ("dq", "dk") else p.num_warps
+                kernels.append((kind, _chunk_out_kernel, sig, cx, warps, p.num_stages))
         for name, fn, sig, cx, warps, stages in kernels:
             key = (fn.__name__ if hasattr(fn, "__name__") else name, tuple(sorted(sig.items())),
                    tuple(sorted(cx.items())), warps, stages)
