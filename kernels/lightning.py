@@ -314,7 +314,8 @@ def _lightning_decode_kernel(
     m_d = o_d < D
     m_v = o_v < DV
     m_dv = m_d[:, None] & m_v[None, :]
-    b_lam = tl.exp2(tl.minimum(tl.load(lg + i_bh).to(tl.float32) * 1.4426950408889634, 0.0))
+    # lg <= 0 or NaN (the op's device-side guard): no clamp, which would turn a NaN into a decay of 1
+    b_lam = tl.exp2(tl.load(lg + i_bh).to(tl.float32) * 1.4426950408889634)
     b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh + o_d, mask=m_d, other=0.0)
     b_k = tl.load(k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh + o_d, mask=m_d, other=0.0)
     b_v = tl.load(v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh + o_v, mask=m_v, other=0.0)
