@@ -32,6 +32,11 @@ DENSITIES = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
 WINDOWS = [256, 1024, 4096]
 QUICK = {"softmax": [1024, 4096, 16384], "sparse": [8192], "lightning": [1024, 8192, 32768],
          "densities": [0.1, 0.3, 1.0], "windows": [1024], "head_dims": [128], "modes": ["fwd", "bwd"]}
+VARLEN_LENGTHS = [16384]  # packed tokens per row (the documents' lengths sum to N)
+DECODE_LENGTHS = [1024 << i for i in range(8)]  # cache length L, 1k .. 128k
+DECODE_BATCHES = [1, 8, 64]
+DECODE_HEADS, DECODE_GROUP = 32, 4  # Hq = 32 query heads over Hkv = 8 key / value heads
+QUICK["decode"] = [1024, 8192, 65536]
 HIDDEN = 2048  # FA2/FA3 charts: hidden size 2048 (H = 2048 / D), batch = 16k / N
 
 
@@ -52,20 +57,33 @@ def _csv_list(text: str) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("--ops", default="softmax,sparse,lightning",
-                   help="sweeps to run: softmax, sparse (time vs block density), lightning (time vs length)")
+    p.add_argument("--ops", default="softmax,sparse,lightning,varlen,decode",
+                   help="sweeps to run: softmax, sparse (time vs block density), lightning (time vs length), "
+                        "varlen (packed documents of mixed lengths vs padded batches and a Flex document mask), "
+                        "decode (one query per sequence over a KV cache: K/V bandwidth as a fraction of a "
+                        "device copy's)")
     p.add_argument("--dtypes", default="bf16", help="bf16, fp16, fp32 (comma separated)")
     p.add_argument("--head-dims", default=None, help="head dims for the softmax sweep (default 64,128)")
     p.add_argument("--causal", default="both", choices=["both", "true", "false"],
-                   help="softmax sweep: causal, non-causal or both")
+                   help="softmax sweep: causal, non-causal or both (varlen: non-causal only with false)")
     p.add_argument("--lengths", default=None,
                    help="sequence lengths for every selected sweep, e.g. 512,1k,4k (default per sweep: "
-                        "softmax 512..32k, sparse 8k/16k/32k, lightning 1k..128k)")
+                        "softmax 512..32k, sparse 8k/16k/32k, lightning 1k..128k; varlen: packed tokens, 16k; "
+                        "decode: cache length, 1k..128k)")
     p.add_argument("--densities", default=None, help="sparse sweep: random block-layout densities")
-    p.add_argument("--modes", default="fwd,bwd,fwdbwd", help="fwd, bwd, fwdbwd")
+    p.add_argument("--doc-seeds", default="0",
+                   help="varlen sweep: one packed row per seed, document lengths log-uniform in [128, 4096] "
+                        "(at N = 16k) drawn from the seed (comma separated)")
+    p.add_argument("--seqlens", default="equal",
+                   help="decode sweep: cache lengths of the B sequences, 'equal' (all L) and/or 'ragged:<seed>' "
+                        "(uniform in [1, L], one of them L) (comma separated)")
+    p.add_argument("--modes", default="fwd,bwd,fwdbwd", help="fwd, bwd, fwdbwd (decode: fwd only, always)")
     p.add_argument("--batch", type=int, default=None,
-                   help="batch size for every case (default: 16k / N for softmax and sparse, 1 for lightning)")
-    p.add_argument("--heads", type=int, default=None, help="heads for every case (default: 2048 / D)")
+                   help="batch size for every case (default: 16k / N for softmax and sparse, 1 for lightning, "
+                        "1, 8 and 64 for decode; varlen is always one packed row)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="heads for every case (default: 2048 / D; decode: 32 query heads, key / value heads = "
+                        "heads / 4, or = heads when 4 does not divide them)")
     p.add_argument("--providers", default=None, help="only these providers (comma separated names)")
     p.add_argument("--quick", action="store_true", help="a short sweep (CPU: small interpreter checks)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/out)")
@@ -133,18 +151,52 @@ def _lightning_cases(args, dtypes, modes, quick) -> List:
             for mode in modes for N in lengths if N <= nmax]
 
 
+def _varlen_cases(args, dtypes, modes, quick) -> List:
+    """B=1 row of N packed tokens (mask ``docs:<seed>``: its document lengths, bench.measure.doc_lengths),
+    H = 2048 / D; causal unless ``--causal false``."""
+    from bench.measure import Case
+
+    lengths = parse_lengths(args.lengths) if args.lengths else VARLEN_LENGTHS
+    dims = [int(d) for d in _csv_list(args.head_dims)] if args.head_dims else (QUICK["head_dims"] if quick else [64, 128])
+    causal = args.causal != "false"
+    return [Case("varlen", 1, max(1, HIDDEN // D), N, D, dt, causal, mode, f"docs:{int(seed)}")
+            for dt in dtypes for D in dims for mode in modes for N in lengths for seed in _csv_list(args.doc_seeds)]
+
+
+def _decode_cases(args, dtypes, modes, quick) -> List:
+    """Forward only (whatever --modes says): B in 1, 8, 64 (``--batch``), Hq = 32 (``--heads``), Hkv = Hq / 4,
+    D = 128 (``--head-dims``), one query per sequence over a cache of L = N keys (``--lengths``, 1k..128k), cache
+    lengths per ``--seqlens`` (mask ``""`` = all L, ``ragged:<seed>``). Largest batch last, so a stage cut off
+    by its time limit has measured every length at the smaller batches."""
+    from bench.measure import Case
+
+    lengths = parse_lengths(args.lengths) if args.lengths else (QUICK["decode"] if quick else DECODE_LENGTHS)
+    dims = [int(d) for d in _csv_list(args.head_dims)] if args.head_dims else [128]
+    batches = [args.batch] if args.batch else ([1] if args.cpu_timing else DECODE_BATCHES)
+    hq = args.heads or (2 * DECODE_GROUP if args.cpu_timing else DECODE_HEADS)
+    hkv = hq // DECODE_GROUP if hq % DECODE_GROUP == 0 else hq
+    masks = ["" if m == "equal" else m for m in _csv_list(args.seqlens)]
+    return [Case("decode", B, hq, L, D, dt, False, "fwd", m, Hkv=hkv)
+            for dt in dtypes for D in dims for m in masks for B in batches for L in lengths]
+
+
 def _override(case, args):
+    if case.op == "decode":  # batch and heads applied by _decode_cases (Hkv follows the heads)
+        return case
     b, h = args.batch, args.heads
     if args.cpu_timing:
         b, h = b or 1, h or 2
     if b or h:
         case = replace(case, B=b or case.B, H=h or case.H)
+    if case.op == "varlen" and case.B != 1:  # one packed row: its batch is the documents in it
+        case = replace(case, B=1)
     return case
 
 
 def plan(args, quick: bool) -> List[Tuple[str, str, object]]:
     """Every (sweep, provider, case) task in run order; the dense baselines of the sparse sweep and the
-    causal-softmax baselines of the lightning sweep are deduplicated."""
+    causal-softmax baselines of the lightning sweep are deduplicated. The decode sweep always runs its copy
+    baseline (the denominator of its bandwidth fractions), whatever ``--providers`` says."""
     from bench.providers import SWEEP_PROVIDERS
 
     dtypes = _csv_list(args.dtypes)
@@ -152,15 +204,16 @@ def plan(args, quick: bool) -> List[Tuple[str, str, object]]:
     if quick and args.modes == "fwd,bwd,fwdbwd":
         modes = QUICK["modes"]
     only = set(_csv_list(args.providers)) if args.providers else None
-    builders = {"softmax": _softmax_cases, "sparse": _sparse_cases, "lightning": _lightning_cases}
+    builders = {"softmax": _softmax_cases, "sparse": _sparse_cases, "lightning": _lightning_cases,
+                "varlen": _varlen_cases, "decode": _decode_cases}
     tasks, seen = [], set()
     for sweep in _csv_list(args.ops):
         if sweep not in builders:
-            raise SystemExit(f"unknown op {sweep!r}: expected softmax, sparse or lightning")
+            raise SystemExit(f"unknown op {sweep!r}: expected softmax, sparse, lightning, varlen or decode")
         for case in builders[sweep](args, dtypes, modes, quick):
             case = _override(case, args)
             for pname, op in SWEEP_PROVIDERS[sweep]:
-                if only and pname not in only:
+                if only and pname not in only and (sweep, pname) != ("decode", "copy"):
                     continue
                 c = case
                 if op != case.op:  # a dense / causal softmax baseline inside the sparse / lightning sweep
@@ -174,14 +227,14 @@ def plan(args, quick: bool) -> List[Tuple[str, str, object]]:
 
 
 # --------------------------------------------------------------------------------------------- results
-FIELDS = ["sweep", "op", "provider", "provider_id", "mode", "dtype", "B", "H", "N", "D", "Dv", "causal", "mask", "density",
-          "ms", "ms_p20", "ms_p80", "tflops", "flops", "peak_mem_mb", "extra_mem_mb", "sets", "status", "note",
+FIELDS = ["sweep", "op", "provider", "provider_id", "mode", "dtype", "B", "H", "Hkv", "N", "D", "Dv", "causal", "mask",
+          "density", "ms", "ms_p20", "ms_p80", "tflops", "flops", "kv_bytes", "gbps", "copy_gbps", "bw_frac", "peak_mem_mb", "extra_mem_mb", "sets", "status", "note",
           "gate_err", "kernels", "flop_rule", "device", "capability", "torch", "triton", "cuda", "tileattn",
           "commit", "interpreter", "time"]
 
 
 def row_key(r: dict) -> tuple:
-    return tuple(r.get(k) for k in ("sweep", "op", "provider", "mode", "dtype", "B", "H", "N", "D", "Dv",
+    return tuple(r.get(k) for k in ("sweep", "op", "provider", "mode", "dtype", "B", "H", "Hkv", "N", "D", "Dv",
                                     "causal", "mask"))
 
 
@@ -213,6 +266,9 @@ def _fmt_row(r: dict) -> str:
            f"{'causal' if r['causal'] else 'full  '} N={r['N']:<6}"
     if r.get("mask"):
         what += f" {r['mask']}"
+    if r["status"] == "ok" and r.get("gbps") is not None:  # decode: bandwidth, and its fraction of the copy's
+        frac = f" = {r['bw_frac']:.2f} of copy" if r.get("bw_frac") is not None else ""
+        return f"{what} B={r['B']:<3} -> {r['ms']:9.4f} ms {r['gbps']:7.0f} GB/s{frac}"
     if r["status"] == "ok":
         mem = r.get("peak_mem_mb")
         mem = "" if mem is None or mem != mem else f" {mem:8.0f} MiB"
@@ -242,7 +298,8 @@ def run_sweep(args, quick: bool, out: str) -> List[dict]:
     for name, why in notes.items():
         print(f"skip provider {name}: {why}")
     meta = {"env": env_info(), "argv": sys.argv[1:], "provider_notes": notes, "flop_rules":
-            {"softmax": M.SOFTMAX_RULE, "linear": M.LINEAR_RULE}, "started": timestamp(),
+            {"softmax": M.SOFTMAX_RULE, "linear": M.LINEAR_RULE, "varlen": M.VARLEN_RULE, "decode": M.DECODE_RULE},
+            "started": timestamp(),
             "timing": "triton.testing.do_bench median (L2 flushed), rotated input sets" if on_cuda() else
             "CPU wall clock (harness self-test; not a kernel benchmark)"}
     gates: Dict[tuple, object] = {}
@@ -268,6 +325,9 @@ def run_sweep(args, quick: bool, out: str) -> List[dict]:
                 except Exception as e:
                     row["density"] = None
                     row["note"] = f"density unknown ({type(e).__name__})"
+            if case.op == "varlen":
+                lens = M.doc_lengths(case.mask, case.N)
+                row.update(density=M.doc_density(case.mask, case.N), docs=len(lens), max_doc=max(lens))
             flops, rule = M.case_flops(case, row["density"])
             row["flops"], row["flop_rule"] = flops, rule
             why = p.skip(case)
@@ -293,6 +353,10 @@ def run_sweep(args, quick: bool, out: str) -> List[dict]:
                         row.update(res)
                         row["tflops"] = flops / (res["ms"] * 1e-3) / 1e12
                         row["status"] = "ok"
+                        if case.op == "decode":
+                            row.update(M.decode_metrics(case, res["ms"], copy=pname == "copy"))
+                            if pname == "copy":  # moves bytes, computes nothing
+                                row.update(flops=None, tflops=None)
                         if not on_cuda():
                             row["note"] = "CPU wall clock (harness self-test)"
                     except Exception as e:
@@ -309,6 +373,8 @@ def run_sweep(args, quick: bool, out: str) -> List[dict]:
             else:
                 index[k] = len(rows)
                 rows.append(row)
+            if case.op == "decode":
+                M.decode_fractions(rows)
             el = time.perf_counter() - t0
             print(f"[{i}/{total} {el:6.0f}s] {_fmt_row(row)}", flush=True)
             write_results(out, rows, meta)

@@ -1,14 +1,18 @@
 """What ``python -m bench`` does without CUDA: everything that is honest to do without a GPU.
 
 1. The correctness sweep: tileattn's kernels under the Triton interpreter (and the PyTorch SDPA CPU paths,
-   as a check of the harness) at small sizes, against the float64 references, with the same gate the GPU
+   as a check of the harness) at small sizes (varlen: a packed row of mixed-length documents; decode: 3 sequences
+   over paged and contiguous caches, equal and ragged lengths, and the copy baseline checked bitwise), against
+   the float64 references, with the same gate the GPU
    run applies before timing. Written to ``correctness.json`` / ``.csv`` and ``correctness.png``.
 2. The kernel resource report (``scripts/kernel_report.py``, in a subprocess without TRITON_INTERPRET):
    registers, spills and shared memory of every shipped config for sm_80 / sm_90. ``kernel_report.json``
    and ``kernel_registers.png`` / ``kernel_smem.png``.
 3. Work counts that need no timing: tiles visited vs block density (from the BlockMask lists) and
    launched programs x loop trips vs length for lightning (from its launch plan), vs causal softmax
-   tiles. ``work.json`` / ``.csv``, ``work_sparse_visited_blocks.png``, ``work_lightning_vs_softmax.png``.
+   tiles; score elements per varlen provider (packed, padded, document mask) over the useful ones.
+   ``work.json`` / ``.csv``, ``work_sparse_visited_blocks.png``, ``work_lightning_vs_softmax.png``,
+   ``work_varlen.png``.
 
 No timing is produced: timings need a GPU.
 """
@@ -43,6 +47,16 @@ def correctness_cases(quick: bool, dtypes: List[str], head_dims: Optional[List[i
             for m in (["random:0.3", "window:100"] if quick else ["random:0.2", "random:0.5", "window:100"]):
                 cases.append(("tileattn", Case("sparse", 1, 2, 300 if quick else 520, D, dt, False, "fwdbwd", m)))
             cases.append(("tileattn-lightning", Case("lightning", 1, 2, n, D, dt, True, "fwdbwd")))
+            # varlen: n packed tokens in documents of mixed lengths (bench.measure.doc_lengths), and the padded baselines
+            for causal in (True, False):
+                cases.append(("tileattn-varlen", Case("varlen", 1, 2, n, D, dt, causal, "fwdbwd", "docs:0")))
+            for pname in ("tileattn-padded", "sdpa-flash-padded"):
+                cases.append((pname, Case("varlen", 1, 2, n, D, dt, True, "fwdbwd", "docs:0")))
+            # decode: one query per sequence over a cache of n keys, GQA 8 / 2 (bench.measure.decode_inputs)
+            for pname in ("tileattn-kvcache", "tileattn-kvcache-contig", "sdpa-math"):
+                for m in ("", "ragged:0"):
+                    cases.append((pname, Case("decode", 3, 8, n, D, dt, False, "fwd", m, Hkv=2)))
+            cases.append(("copy", Case("decode", 3, 8, n, D, dt, False, "fwd", "ragged:0", Hkv=2)))
     return cases
 
 
@@ -298,9 +312,68 @@ def run_work(out: str, quick: bool) -> List[dict]:
         figs.append(p)
     else:
         _say("work: tileattn.kernels.lightning.lightning_work not available; lightning work plot skipped")
+    try:
+        figs.append(_varlen_work_plot(out, rows, quick))
+    except Exception as e:  # like the others: never fail the run for a work plot
+        _say(f"work: varlen work plot skipped: {type(e).__name__}: {e}")
     if rows:
         write_results(out, rows, {"env": env_info(), "note": "work counts (no timing)"}, name="work")
     return rows
+
+
+def varlen_work(N: int, mask: str, bm: int = 128, bn: int = 64, fb: int = 128) -> dict:
+    """Causal (q, k) score elements each varlen provider computes for a packed row, in the tile model of
+    :func:`_causal_tile_pairs`: per-document BM x BN tiles (attention_varlen), every document padded to the
+    longest (padded batch), FB x FB blocks of the packed row holding a same-document causal pair (FlexAttention's
+    document block mask), and causal attention over the whole row (no document mask); ``useful`` = Σ n(n+1)/2."""
+    import bisect
+
+    from bench.measure import doc_lengths
+
+    lens = doc_lengths(mask, N)
+    doc = [d for d, n in enumerate(lens) for _ in range(n)]
+    nb = -(-N // fb)
+    last = [doc[min(N, (j + 1) * fb) - 1] for j in range(nb)]  # non-decreasing
+    blocks = sum(i + 1 - bisect.bisect_left(last, doc[i * fb]) for i in range(nb))
+    return {"N": N, "mask": mask, "docs": len(lens), "max_doc": max(lens),
+            "useful": sum(n * (n + 1) // 2 for n in lens),
+            "packed": sum(_causal_tile_pairs(n, bm, bn) for n in lens) * bm * bn,
+            "padded": len(lens) * _causal_tile_pairs(max(lens), bm, bn) * bm * bn,
+            "flex_doc_mask": blocks * fb * fb,
+            "whole_row_causal": _causal_tile_pairs(N, bm, bn) * bm * bn}
+
+
+def _varlen_work_plot(out: str, rows: List[dict], quick: bool) -> str:
+    """Bars: computed / useful score elements per varlen provider vs packed length (recipe docs:0)."""
+    from bench.plots import _COLORS, plt
+
+    lengths = [4096, 16384] if quick else [4096, 8192, 16384, 32768]
+    pts = [varlen_work(N, "docs:0") for N in lengths]
+    rows += [dict(p, sweep="work", op="varlen") for p in pts]
+    series = [("packed", "tileattn-varlen: per-document 128×64 tiles"),
+              ("flex_doc_mask", "flex: 128×128 document-mask blocks of the row"),
+              ("padded", "padded batch: every document to the longest"),
+              ("whole_row_causal", "causal over the whole row (no document mask)")]
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    w = 0.8 / len(series)
+    for j, (key, label) in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * w for i in range(len(pts))]
+        bars = ax.bar(xs, [p[key] / p["useful"] for p in pts], width=w, label=label, color=_COLORS[j % len(_COLORS)])
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(pts)))
+    ax.set_xticklabels([f"N={p['N'] // 1024}k\n{p['docs']} docs ≤ {p['max_doc']}" for p in pts], fontsize=8)
+    ax.axhline(1.0, color="gray", linewidth=1)
+    ax.set_ylabel("score elements computed / useful (causal, per head)")
+    ax.set_title("varlen work: packed documents vs document mask vs padding (recipe docs:0)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.text(0.5, 0.005, "tile-model counts (tile sizes fixed for the count; the kernels autotune theirs), not "
+             "timings: timings need a GPU", ha="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path = os.path.join(out, "work_varlen.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -5,7 +5,8 @@ several rotated input sets, so no run finds its inputs in cache. Peak memory is
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` around one call on one input set.
 Before a provider is timed it must pass the correctness gate: at a small size (B=1, H=2, N=257), its output
 (and gradients, for bwd modes) against a float64 PyTorch reference under the flash-attention rule
-``err <= 2 * err(same-dtype PyTorch) + floor`` (``tests/helpers.py``).
+``err <= 2 * err(same-dtype PyTorch) + floor`` (``tests/helpers.py``). Decode cases gate at B=3, Hkv=2 with the
+case's GQA group (Hq=8 for the sweep's 32 / 8), N=257 keys (forward only); the decode sweep's copy baseline is checked bitwise instead.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import gc
 import importlib.util
 import math
 import os
+import random
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -41,9 +43,13 @@ helpers = _load_helpers()
 # ------------------------------------------------------------------------------------------------ case
 @dataclass(frozen=True)
 class Case:
-    """One benchmark configuration. ``op``: 'softmax' | 'sparse' | 'lightning'; Nq = Nk = N.
-    ``mask``: for 'sparse', ``kind:param`` (``random:0.1`` = random block layout of density 0.1,
-    ``window:512`` = causal sliding window of 512 keys); empty otherwise."""
+    """One benchmark configuration. ``op``: 'softmax' | 'sparse' | 'lightning' | 'varlen' | 'decode'; Nq = Nk = N
+    except for 'decode'. ``mask``: for 'sparse', ``kind:param`` (``random:0.1`` = random block layout of density
+    0.1, ``window:512`` = causal sliding window of 512 keys); for 'varlen', ``docs:<seed>`` = the N tokens of the
+    (B=1) row packed from documents of mixed lengths (:func:`doc_lengths`); for 'decode', the cache lengths
+    (:func:`decode_lengths`: empty = every sequence holds N keys, ``ragged:<seed>`` = mixed lengths up to N);
+    empty otherwise. 'decode': one new query (Nq = 1) per sequence over a KV cache of N keys, ``H`` query heads
+    and ``Hkv`` key / value heads (GQA), forward only."""
 
     op: str
     B: int
@@ -55,10 +61,15 @@ class Case:
     mode: str = "fwd"
     mask: str = ""
     Dv: Optional[int] = None
+    Hkv: Optional[int] = None  # key / value heads ('decode'; None = H)
 
     @property
     def dv(self) -> int:
         return self.Dv or self.D
+
+    @property
+    def hkv(self) -> int:
+        return self.Hkv or self.H
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -68,15 +79,23 @@ class Case:
         """The correctness-gate version of this case (same flags, small shape; N not a block multiple unless
         ``n`` says otherwise)."""
         n = n or (257 if self.op != "sparse" else 520)
+        if self.op == "decode":  # several sequences, 2 kv heads with the case's GQA group size, forward only
+            return replace(self, B=3, H=2 * (self.H // self.hkv), Hkv=2, N=n, mode="fwd")
         return replace(self, B=1, H=2, N=n, mode="fwdbwd" if self.mode != "fwd" else "fwd")
 
     def key(self) -> tuple:
-        return (self.op, self.dtype, self.D, self.dv, self.causal, self.mask)
+        return (self.op, self.dtype, self.D, self.dv, self.causal, self.mask, self.H // self.hkv)
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
 SOFTMAX_RULE = "FLOPs = 4·B·H·N²·D (fwd); bwd ×2.5; fwd+bwd ×3.5; causal ×0.5; block-sparse × block density"
 LINEAR_RULE = "linear-attn FLOPs = 4·B·H·N·D·Dv (fwd: kᵀv state update + q·S per token); bwd ×2; fwd+bwd ×3"
+VARLEN_RULE = ("varlen: the softmax rule with B=1, N = packed tokens and density Σ len_i² / N² "
+               "(useful FLOPs only: padded providers get no credit for their padding)")
+DECODE_RULE = ("decode: FLOPs = 4·Hq·Nq·D·Σ_b L_b (= 4·B·Hq·Nq·L·D at equal lengths); bandwidth = K/V bytes read / "
+               "time, bytes = Σ_b L_b·Hkv·(D + Dv)·bytes per element (every cached key and value once; q, out, "
+               "block table not counted); fraction = that / copy bandwidth, copy bandwidth = 2·bytes / time of one "
+               "device copy of the same number of bytes in the same run (read + write)")
 _SOFTMAX_MODE = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 _LINEAR_MODE = {"fwd": 1.0, "bwd": 2.0, "fwdbwd": 3.0}
 
@@ -105,6 +124,8 @@ class Inputs:
 
 
 def make_inputs(case: Case, device, requires_grad: bool, seed: int = 0) -> Inputs:
+    if case.op == "decode":
+        return decode_inputs(case, device, seed)
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape):
@@ -122,7 +143,132 @@ def make_inputs(case: Case, device, requires_grad: bool, seed: int = 0) -> Input
 
 def set_bytes(case: Case) -> int:
     el = torch.tensor([], dtype=case.torch_dtype).element_size()
+    if case.op == "decode":
+        return case.B * case.hkv * case.N * (case.D + case.dv) * el
     return case.B * case.H * case.N * (2 * case.D + case.dv) * el
+
+
+# ------------------------------------------------------------------------------------------------ varlen
+def doc_lengths(mask: str, N: int) -> List[int]:
+    """Document lengths of a 'varlen' case; they sum to N. ``docs:<seed>``: lengths drawn log-uniformly in
+    [lo, hi] with lo = min(128, max(1, N // 32)) and hi = min(4096, max(lo, N // 4)) (at N = 16k: 128 … 4096),
+    the last one cut to the remainder, then shuffled; deterministic in (seed, N)."""
+    kind, _, param = mask.partition(":")
+    if kind not in ("docs", "docs-causal"):
+        raise ValueError(f"unknown varlen mask {mask!r} (expected docs:<seed>)")
+    if N < 1:
+        raise ValueError(f"varlen needs N >= 1 packed tokens, got {N}")
+    rng = random.Random(f"{param}/{N}")
+    lo = min(128, max(1, N // 32))
+    hi = min(4096, max(lo, N // 4))
+    lens, left = [], N
+    while left > 0:
+        n = min(left, int(round(math.exp(rng.uniform(math.log(lo), math.log(hi))))))
+        lens.append(n)
+        left -= n
+    rng.shuffle(lens)
+    return lens
+
+
+def doc_density(mask: str, N: int) -> float:
+    """Σ len_i² / N²: the fraction of the N×N score matrix a packed document mask keeps (before causal)."""
+    return sum(n * n for n in doc_lengths(mask, N)) / float(N * N)
+
+
+def cu_seqlens(lens: Sequence[int], device) -> torch.Tensor:
+    """int32 (len(lens) + 1,) cumulative lengths starting at 0 (FlashAttention's varlen convention)."""
+    out = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(list(lens), dtype=torch.int64).cumsum(0).to(torch.int32)
+    return out.to(device)
+
+
+def varlen_mask(case: "Case") -> str:
+    """The :class:`MaskCache` name of a varlen case's mask on the packed row: ``docs:<seed>`` (same document)
+    or ``docs-causal:<seed>`` (same document and causal)."""
+    return ("docs-causal:" if case.causal else "docs:") + case.mask.partition(":")[2]
+
+
+# ------------------------------------------------------------------------------------------------ decode
+DECODE_PAGE = 64  # page size of the paged-cache provider
+
+
+def decode_lengths(mask: str, B: int, L: int) -> List[int]:
+    """Cache length of each of the B sequences of a 'decode' case of cache length L. ``""``: all L.
+    ``ragged:<seed>``: uniform in [1, L], one of them exactly L (the capacity is used); deterministic in
+    (seed, B, L)."""
+    if L < 1 or B < 1:
+        raise ValueError(f"decode needs B >= 1 sequences and a cache length L >= 1, got B={B}, L={L}")
+    if mask == "":
+        return [L] * B
+    kind, _, seed = mask.partition(":")
+    if kind != "ragged":
+        raise ValueError(f"unknown decode cache lengths {mask!r} (expected '' or ragged:<seed>)")
+    rng = random.Random(f"{seed}/{B}/{L}")
+    lens = [rng.randint(1, L) for _ in range(B)]
+    lens[rng.randrange(B)] = L
+    return lens
+
+
+def decode_kv_bytes(case: Case) -> int:
+    """K / V bytes a decode step reads: Σ_b L_b·Hkv·(D + Dv)·element size (:data:`DECODE_RULE`)."""
+    el = torch.tensor([], dtype=case.torch_dtype).element_size()
+    return sum(decode_lengths(case.mask, case.B, case.N)) * case.hkv * (case.D + case.dv) * el
+
+
+def decode_inputs(case: Case, device, seed: int = 0) -> Inputs:
+    """q (B, Hq, 1, D) and contiguous caches k (B, Hkv, L, D) / v (B, Hkv, L, Dv) of capacity L, drawn on the
+    device (a 128k cache at B=64 is 32 GiB: no host round trip), both views of one buffer
+    ``extra['kv']`` (what the copy baseline moves); ``extra['cache_seqlens']`` (B,) int32."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    B, hkv, L, D, dv = case.B, case.hkv, case.N, case.D, case.dv
+    kw = dict(generator=g, device=device, dtype=case.torch_dtype)
+    q = torch.randn(B, case.H, 1, D, **kw)
+    kv = torch.randn(B * hkv * L * (D + dv), **kw)
+    k = kv[: B * hkv * L * D].view(B, hkv, L, D)
+    v = kv[B * hkv * L * D:].view(B, hkv, L, dv)
+    lens = torch.tensor(decode_lengths(case.mask, B, L), dtype=torch.int32, device=device)
+    return Inputs(q, k, v, extra={"kv": kv, "cache_seqlens": lens})
+
+
+def paged_cache(k: torch.Tensor, v: torch.Tensor, page: int, seed: int = 0):
+    """The contiguous caches (B, Hkv, L, D) rewritten as a paged pool (num_pages, page, Hkv, D) of
+    ceil(L / page) pages per sequence, pages shuffled over the pool (a serving engine's free list after some
+    traffic). Returns (k_pool, v_pool, block_table (B, pages) int32). Copied one sequence at a time, so the
+    extra memory is one sequence's worth."""
+    B, hkv, L, _ = k.shape
+    P = -(-L // page)
+    g = torch.Generator(device="cpu").manual_seed(1000 + seed)
+    table = torch.randperm(B * P, generator=g).view(B, P)
+    pools = []
+    for x in (k, v):
+        pool = x.new_zeros(B * P, page, hkv, x.shape[-1])
+        for b in range(B):
+            xb = torch.nn.functional.pad(x[b], (0, 0, 0, P * page - L))  # (Hkv, P·page, D)
+            pool[table[b].to(x.device)] = xb.view(hkv, P, page, -1).permute(1, 2, 0, 3)
+        pools.append(pool)
+    return pools[0], pools[1], table.to(device=k.device, dtype=torch.int32)
+
+
+def decode_metrics(case: Case, ms: float, copy: bool) -> dict:
+    """Row fields of a timed decode case: ``kv_bytes``, ``gbps`` (K/V bytes read / time; for the copy
+    baseline: bytes read + written / time, its copy bandwidth)."""
+    nbytes = decode_kv_bytes(case)
+    return {"kv_bytes": nbytes, "gbps": (2 if copy else 1) * nbytes / (ms * 1e-3) / 1e9}
+
+
+def decode_fractions(rows: Sequence[dict]) -> None:
+    """Set ``copy_gbps`` and ``bw_frac`` = gbps / copy_gbps on every timed decode row, from the copy row of the
+    same configuration (left None where the copy did not run)."""
+    def cfg(r):
+        return tuple(r.get(k) for k in ("dtype", "B", "H", "Hkv", "N", "D", "Dv", "mask"))
+
+    copies = {cfg(r): r["gbps"] for r in rows
+              if r.get("sweep") == "decode" and r.get("provider") == "copy" and r.get("status") == "ok"}
+    for r in rows:
+        if r.get("sweep") == "decode" and r.get("status") == "ok" and r.get("gbps"):
+            c = copies.get(cfg(r))
+            r["copy_gbps"] = c
+            r["bw_frac"] = r["gbps"] / c if c else None
 
 
 # ------------------------------------------------------------------------------------------------ masks
@@ -172,7 +318,17 @@ class MaskCache:
             return fn
         if kind == "causal":
             return lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
-        raise ValueError(f"unknown mask {mask!r} (expected random:<density>, window:<size> or causal)")
+        if kind in ("docs", "docs-causal"):  # packed documents (varlen): a document id per token
+            def build_ids():
+                lens = torch.tensor(doc_lengths(mask, N))
+                return torch.repeat_interleave(torch.arange(len(lens)), lens).to(device)
+
+            doc = self._get(("doc_ids", param, N, str(device)), build_ids)
+            if kind == "docs":
+                return lambda b, h, q_idx, kv_idx: doc[q_idx] == doc[kv_idx]
+            return lambda b, h, q_idx, kv_idx: (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+        raise ValueError(f"unknown mask {mask!r} (expected random:<density>, window:<size>, causal, "
+                         "docs:<seed> or docs-causal:<seed>)")
 
     def dense(self, mask: str, B: int, N: int, H: int, device) -> torch.Tensor:
         """(1, H, N, N) bool, True = attend (materialised: small sizes or the SDPA-with-mask provider)."""
@@ -276,6 +432,16 @@ def _reference(case: Case, inp: Inputs, upcast: bool):
         out, _ = R.linear_attention_quadratic_ref(inp.q, inp.k, inp.v, inp.decay, scale=inp.extra.get("scale"),
                                                   upcast=upcast)
         return out
+    if case.op == "decode":  # contiguous caches, per-sequence lengths; Nq = 1 sees every cached key
+        out, _ = R.attention_kvcache_ref(inp.q, inp.k, inp.v, inp.extra["cache_seqlens"], causal=case.causal,
+                                         scale=inp.extra.get("scale"), upcast=upcast)
+        return out
+    if case.op == "varlen":  # per document, on the packed (N, H, D) layout
+        cu = cu_seqlens(doc_lengths(case.mask, case.N), inp.q.device)
+        packed = [x[0].transpose(0, 1) for x in (inp.q, inp.k, inp.v)]
+        out, _ = R.attention_varlen_ref(*packed, cu, cu, causal=case.causal, scale=inp.extra.get("scale"),
+                                        upcast=upcast)
+        return out.transpose(0, 1)[None]
     mask = None
     if case.op == "sparse":
         mask = MASKS.dense(case.mask, case.B, case.N, case.H, inp.q.device)
@@ -301,6 +467,12 @@ def gate(provider, case: Case, device, small: Optional[Case] = None) -> GateResu
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         return GateResult(False, raised=True, detail=f"gate raised {type(e).__name__}: {msg}")
     kernels = tuple(sorted(set(names)))
+    expected = getattr(provider, "expected", None)
+    if expected is not None:  # a data-movement baseline (the decode sweep's copy): bitwise what it moves
+        want = expected(small, inp)
+        ok = tuple(out.shape) == tuple(want.shape) and torch.equal(out, want)
+        return GateResult(ok, err=0.0 if ok else float("inf"), detail="bitwise copy" if ok else "copy differs",
+                          kernels=kernels)
     worst, lines = 0.0, []
     ref64 = _reference(small, inp, upcast=True)
     ref_lp = _reference(small, inp, upcast=False)
@@ -436,7 +608,7 @@ def measure(provider, case: Case, device, warmup: int = 25, rep: int = 100) -> d
 
 def base_row(provider_name: str, case: Case, sweep: str) -> dict:
     row = {"sweep": sweep, "op": case.op, "provider": provider_name, "mode": case.mode, "dtype": case.dtype, "B": case.B,
-           "H": case.H, "N": case.N, "D": case.D, "Dv": case.dv, "causal": case.causal, "mask": case.mask,
+           "H": case.H, "Hkv": case.Hkv, "N": case.N, "D": case.D, "Dv": case.dv, "causal": case.causal, "mask": case.mask,
            "density": None, "ms": None, "ms_p20": None, "ms_p80": None, "tflops": None, "flops": None,
            "flop_rule": "", "peak_mem_mb": None, "extra_mem_mb": None, "sets": None, "status": "",
            "note": "", "gate_err": None, "kernels": ""}
@@ -446,9 +618,16 @@ def base_row(provider_name: str, case: Case, sweep: str) -> dict:
 
 
 def case_flops(case: Case, density: Optional[float]) -> Tuple[float, str]:
-    """FLOPs of a case and the rule used (softmax rule for 'softmax' / 'sparse', linear rule for 'lightning')."""
+    """FLOPs of a case and the rule used (softmax rule for 'softmax' / 'sparse', linear rule for 'lightning',
+    the softmax rule at density Σ len_i² / N² for 'varlen', :data:`DECODE_RULE` for 'decode')."""
     if case.op == "lightning":
         return linear_flops(case.B, case.H, case.N, case.D, case.dv, case.mode), LINEAR_RULE
+    if case.op == "decode":  # Nq = 1 query per sequence over its L_b cached keys
+        keys = sum(decode_lengths(case.mask, case.B, case.N))
+        return 2.0 * case.H * keys * (case.D + case.dv), DECODE_RULE
+    if case.op == "varlen":
+        d = doc_density(case.mask, case.N) if density is None else density
+        return softmax_flops(case.B, case.H, case.N, case.D, case.dv, case.mode, case.causal, d), VARLEN_RULE
     d = 1.0 if density is None else density
     return softmax_flops(case.B, case.H, case.N, case.D, case.dv, case.mode, case.causal, d), SOFTMAX_RULE
 

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.measure import LINEAR_RULE, SOFTMAX_RULE  # noqa: E402
+from bench.measure import DECODE_RULE, LINEAR_RULE, SOFTMAX_RULE, VARLEN_RULE  # noqa: E402
 
 _STYLE: Dict[str, dict] = {}
 _COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -187,9 +187,125 @@ def plot_lightning(rows: Sequence[dict], out: str) -> List[str]:
     return files
 
 
+def plot_varlen(rows: Sequence[dict], out: str) -> List[str]:
+    """Per (dtype, mode): panels per (causal, D) of TFLOP/s (useful FLOPs) per provider, grouped bars per
+    packed row (N and document recipe)."""
+    rows = [r for r in _ok(rows) if r["sweep"] == "varlen"]
+    files = []
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["dtype"], r["mode"])].append(r)
+    for (dtype, mode), grp in sorted(groups.items()):
+        panels = sorted({(r["causal"], r["D"]) for r in grp})
+        nr, nc = _panels(panels)
+        fig, axes = plt.subplots(nr, nc, figsize=(6.5 * nc, 4.4 * nr), squeeze=False)
+        for ax, (causal, D) in zip(axes.flat, panels):
+            sub = [r for r in grp if r["causal"] == causal and r["D"] == D]
+            xs = sorted({(r["N"], r["mask"]) for r in sub})
+            provs = sorted({r["provider"] for r in sub}, key=lambda p: (not p.startswith("tileattn-varlen"), p))
+            w = 0.8 / len(provs)
+            for j, prov in enumerate(provs):
+                by_x = {(r["N"], r["mask"]): r["tflops"] for r in sub if r["provider"] == prov}
+                pos = [i + (j - (len(provs) - 1) / 2) * w for i, x in enumerate(xs) if x in by_x]
+                vals = [by_x[x] for x in xs if x in by_x]
+                bars = ax.bar(pos, vals, width=w, label=prov, color=style(prov)["color"])
+                ax.bar_label(bars, fmt="%.0f", fontsize=7)
+            labels = []
+            for N, mask in xs:
+                r = next(r for r in sub if (r["N"], r["mask"]) == (N, mask))
+                docs = f"\n{r['docs']} docs ≤ {r['max_doc']}" if r.get("docs") else ""
+                labels.append(f"N={_len_label(N)} {mask}{docs}")
+            ax.set_xticks(range(len(xs)))
+            ax.set_xticklabels(labels, fontsize=8)
+            ax.set_title(f"varlen {mode} {'causal' if causal else 'non-causal'} D={D} H={sub[0]['H']} {dtype}: "
+                         "packed vs padded vs document mask", fontsize=9)
+            ax.set_ylabel("TFLOP/s (useful FLOPs)")
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        _footer(fig, grp, VARLEN_RULE)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        path = os.path.join(out, f"varlen_tflops_{mode}_{dtype}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+DECODE_TARGET = (0.8, 8192)  # issue #17: >= 0.8 of the copy bandwidth at cache lengths >= 8k
+
+
+def decode_png(r: dict) -> str:
+    """File name of the decode plot a row belongs to: one per (dtype, D, cache-length recipe)."""
+    d = f"_d{r['D']}" if r["D"] != 128 else ""
+    m = "_" + r["mask"].replace(":", "") if r.get("mask") else ""
+    return f"decode_bandwidth_{r['dtype']}{d}{m}.png"
+
+
+def plot_decode(rows: Sequence[dict], out: str) -> List[str]:
+    """Per (dtype, D, cache lengths): one column per batch size B; top, K/V bandwidth as a fraction of the copy
+    bandwidth vs cache length (the target 0.8 at L >= 8k dashed); bottom, GB/s, with the copy's."""
+    rows = [r for r in _ok(rows) if r["sweep"] == "decode" and r.get("gbps")]
+    files = []
+    groups = defaultdict(list)
+    for r in rows:
+        groups[decode_png(r)].append(r)
+    for fname, grp in sorted(groups.items()):
+        bs = sorted({r["B"] for r in grp})
+        fig, axes = plt.subplots(2, len(bs), figsize=(5.2 * len(bs), 8), squeeze=False)
+        for j, B in enumerate(bs):
+            sub = [r for r in grp if r["B"] == B]
+            ns = sorted({r["N"] for r in sub})
+            by_p = defaultdict(list)
+            for r in sub:
+                by_p[r["provider"]].append(r)
+            for ax, metric in zip(axes[:, j], ("bw_frac", "gbps")):
+                for prov, pts in sorted(by_p.items()):
+                    pts = sorted([r for r in pts if r.get(metric) is not None], key=lambda r: r["N"])
+                    if not pts or (metric == "bw_frac" and prov == "copy"):
+                        continue
+                    st = style(prov)
+                    if prov == "copy":
+                        st.update(color="black", linestyle=":")
+                    elif prov.endswith("-contig"):
+                        st["linestyle"] = "--"
+                    ax.plot([r["N"] for r in pts], [r[metric] for r in pts], marker="o", label=prov, **st)
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(ns)
+                ax.set_xticklabels([_len_label(n) for n in ns], fontsize=8)
+                ax.set_xlabel("cache length L (keys per sequence)")
+                ax.grid(alpha=0.3)
+                if metric == "bw_frac":
+                    frac, at = DECODE_TARGET
+                    ax.axhline(frac, color="red", linestyle="--", linewidth=1,
+                               label=f"target {frac:g} at L ≥ {_len_label(at)}")
+                    if max(ns) > at:
+                        ax.axvspan(at, max(ns), color="red", alpha=0.04)
+                    ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
+                    ax.set_ylim(0, max(1.1, max((r["bw_frac"] for r in sub if r.get("bw_frac")), default=0) * 1.05))
+                    ax.set_ylabel("K/V bandwidth / copy bandwidth")
+                    r0 = sub[0]
+                    lens = "equal lengths" if not r0["mask"] else r0["mask"]
+                    ax.set_title(f"decode B={B} Hq={r0['H']} Hkv={r0.get('Hkv') or r0['H']} D={r0['D']} Nq=1 "
+                                 f"{r0['dtype']}, {lens}", fontsize=9)
+                else:
+                    ax.set_yscale("log")
+                    ax.set_ylabel("GB/s (K/V bytes read / time; copy: read + written)")
+                ax.legend(fontsize=7)
+        _footer(fig, grp, DECODE_RULE)
+        fig.tight_layout(rect=(0, 0.09 if len(bs) == 1 else 0.05, 1, 1))
+        path = os.path.join(out, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
 def plot_all(rows: Sequence[dict], out: str) -> List[str]:
     os.makedirs(out, exist_ok=True)
-    return plot_softmax(rows, out) + plot_sparse(rows, out) + plot_lightning(rows, out)
+    return (plot_softmax(rows, out) + plot_sparse(rows, out) + plot_lightning(rows, out) + plot_varlen(rows, out)
+            + plot_decode(rows, out))
 
 
 def plot_bars(labels: Sequence[str], series: Dict[str, Sequence[float]], title: str, xlabel: str, path: str,

@@ -27,7 +27,8 @@ class Built:
 
 class Provider:
     """Base class. ``name``: short id used in results and plots; ``ops``: which case ops it computes
-    ('softmax', 'sparse', 'lightning'); ``ours``: a tileattn kernel (must launch Triton kernels)."""
+    ('softmax', 'sparse', 'lightning', 'varlen', 'decode'); ``ours``: a tileattn kernel (must launch Triton
+    kernels)."""
 
     name = "?"
     ops: tuple = ()
@@ -121,9 +122,10 @@ _SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"
 
 class SDPA(Provider):
     """``torch.nn.functional.scaled_dot_product_attention`` pinned to one backend with ``sdpa_kernel``.
-    For 'sparse' cases it takes the dense boolean mask (only backends that accept ``attn_mask``)."""
+    For 'sparse' cases it takes the dense boolean mask (only backends that accept ``attn_mask``); for 'decode'
+    see :func:`_sdpa_decode`."""
 
-    ops = ("softmax", "sparse")
+    ops = ("softmax", "sparse", "decode")
     cpu_ok = True
 
     def __init__(self, backend: str):
@@ -147,6 +149,8 @@ class SDPA(Provider):
         return None
 
     def skip(self, case):
+        if case.op == "decode":
+            return _sdpa_decode_skip(self.backend, case)
         if case.op == "sparse" and self.backend in ("flash", "cudnn"):
             return f"{self.backend} takes no attn_mask"
         if self.backend == "math":
@@ -165,6 +169,8 @@ class SDPA(Provider):
         return sdpa_kernel([self._enum()])
 
     def build(self, case, inp, masks, for_gate):
+        if case.op == "decode":
+            return _sdpa_decode(case, inp)
         q, k, v = inp.q, inp.k, inp.v
         scale = inp.extra.get("scale")
         if case.op == "sparse":
@@ -180,10 +186,12 @@ _FLEX = {}
 
 class Flex(Provider):
     """FlexAttention compiled with ``torch.compile`` (one compile per shape), with the same masks as
-    tileattn: causal / block-sparse predicates become FlexAttention block masks (block size 128)."""
+    tileattn: causal / block-sparse predicates become FlexAttention block masks (block size 128). 'decode': the
+    contiguous cache of L keys with ``enable_gqa``, no block mask at equal lengths, ``kv_idx < L_b`` for ragged
+    ones (FlexAttention's own paged-attention helper is experimental API: not used)."""
 
     name = "flex"
-    ops = ("softmax", "sparse")
+    ops = ("softmax", "sparse", "varlen", "decode")
     gate_n = 256  # gate at a block multiple (FlexAttention's own tests use multiples of 128)
 
     def unavailable(self):
@@ -212,11 +220,27 @@ class Flex(Provider):
             _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
         return _FLEX["fn"]
 
+    def skip(self, case):
+        return _decode_memory(case, 1) if case.op == "decode" else None
+
     def build(self, case, inp, masks, for_gate):
         q, k, v = inp.q, inp.k, inp.v
         fn = self._compiled()
         bm = None
-        if case.op == "sparse":
+        if case.op == "decode":
+            scale, gqa = inp.extra.get("scale"), case.H != case.hkv
+            if case.mask:  # ragged lengths
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                lens = inp.extra["cache_seqlens"]
+                bm = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < lens[b], case.B, None, 1, case.N,
+                                       device=q.device)
+            return Built(lambda: fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa), [])
+        if case.op == "varlen":  # document (-causal) mask on the packed (1, H, N, D) row
+            from bench.measure import varlen_mask
+
+            bm = masks.flex(varlen_mask(case), case.N, case.H, q.device)
+        elif case.op == "sparse":
             bm = masks.flex(case.mask, case.N, case.H, q.device)
         elif case.causal:
             bm = masks.flex("causal", case.N, case.H, q.device)
@@ -248,6 +272,208 @@ class Naive(Provider):
         causal = case.causal
         scale = inp.extra.get("scale")
         return Built(lambda: attention_ref(q, k, v, causal=causal, mask=mask, scale=scale)[0], [q, k, v])
+
+
+# ------------------------------------------------------------------------------------------------ varlen
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """(1, H, N, D) -> the (N, H, D) packed layout of ``attention_varlen`` (a view)."""
+    return x[0].transpose(0, 1)
+
+
+class TileattnVarlen(Provider):
+    """``tileattn.attention_varlen`` on the packed documents of a 'varlen' case (cu_seqlens from the case,
+    max_seqlen passed as ints). Timed without the host-side cu_seqlens check (``TILEATTN_VARLEN_CHECKS=0``,
+    as under torch.compile / CUDA graphs): the benchmark's cu_seqlens are valid by construction."""
+
+    name = "tileattn-varlen"
+    ops = ("varlen",)
+    ours = True
+
+    def unavailable(self):
+        try:
+            import tileattn
+        except Exception as e:
+            return f"tileattn does not import: {e}"
+        if not hasattr(tileattn, "attention_varlen"):
+            return "tileattn.attention_varlen not available yet"
+        return None
+
+    def context(self, case):
+        import os
+        from unittest import mock
+
+        return mock.patch.dict(os.environ, {"TILEATTN_VARLEN_CHECKS": "0"})
+
+    def build(self, case, inp, masks, for_gate):
+        import tileattn
+
+        from bench.measure import cu_seqlens, doc_lengths
+
+        lens = doc_lengths(case.mask, case.N)
+        cu, mx = cu_seqlens(lens, inp.q.device), max(lens)
+        causal, scale = case.causal, inp.extra.get("scale")
+
+        def attn(q, k, v):
+            return tileattn.attention_varlen(q, k, v, cu, cu, mx, mx, causal=causal, scale=scale)
+
+        if for_gate:
+            q, k, v = inp.q, inp.k, inp.v
+            return Built(lambda: attn(_packed(q), _packed(k), _packed(v)).transpose(0, 1)[None], [q, k, v])
+        req = inp.q.requires_grad
+        q, k, v = [_packed(x).detach().contiguous().requires_grad_(req) for x in (inp.q, inp.k, inp.v)]
+        return Built(lambda: attn(q, k, v), [q, k, v])
+
+
+class PaddedVarlen(Provider):
+    """The documents of a 'varlen' case right-padded to the longest one: a (ndocs, H, max_len, D) batch through
+    a dense causal kernel (tileattn.attention or SDPA's flash backend). With Nq = Nk and right padding the
+    causal mask keeps every real query away from the padding, so the real rows are exact (the gate compares
+    only those); padded rows are computed and thrown away, which is the waste varlen avoids. Non-causal
+    would need a key-padding mask: skipped."""
+
+    ops = ("varlen",)
+
+    def __init__(self, backend: str):
+        self.backend = backend  # "tileattn" | "sdpa-flash"
+        self.name = f"{backend}-padded"
+        self.ours = backend == "tileattn"
+        self.cpu_ok = not self.ours
+
+    def unavailable(self):
+        if self.ours:
+            return TileattnSoftmax().unavailable()
+        return SDPA("flash").unavailable()
+
+    def skip(self, case):
+        if not case.causal:
+            return "right-padded documents need a key-padding mask without causal (not in this provider)"
+        return None
+
+    def context(self, case):
+        return contextlib.nullcontext() if self.ours else SDPA("flash").context(case)
+
+    def build(self, case, inp, masks, for_gate):
+        from bench.measure import doc_lengths
+
+        lens = doc_lengths(case.mask, case.N)
+        L, scale = max(lens), inp.extra.get("scale")
+        if self.ours:
+            import tileattn
+
+            def attn(q, k, v):
+                return tileattn.attention(q, k, v, causal=True, scale=scale)
+        else:
+            def attn(q, k, v):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+        def pad(x):  # (1, H, N, D) -> (ndocs, H, L, D), zeros after each document
+            return torch.stack([F.pad(d, (0, 0, 0, L - d.shape[1])) for d in x[0].split(lens, dim=1)])
+
+        if for_gate:
+            q, k, v = inp.q, inp.k, inp.v
+
+            def fn():
+                o = attn(pad(q), pad(k), pad(v))
+                return torch.cat([o[i, :, :n] for i, n in enumerate(lens)], dim=1)[None]
+
+            return Built(fn, [q, k, v])
+        req = inp.q.requires_grad
+        q, k, v = [pad(x.detach()).requires_grad_(req) for x in (inp.q, inp.k, inp.v)]
+        return Built(lambda: attn(q, k, v), [q, k, v])
+
+
+# ------------------------------------------------------------------------------------------------ decode
+def _decode_memory(case, copies: int) -> Optional[str]:
+    """Skip a decode case whose K/V buffer, ``copies`` times over, would not fit in free device memory."""
+    from bench.measure import set_bytes
+
+    need = copies * set_bytes(case)
+    if need > 0.9 * _free_bytes():
+        return f"needs ~{need / 2**30:.0f} GiB for {copies} copies of the {set_bytes(case) / 2**30:.1f} GiB K/V cache"
+    return None
+
+
+def _sdpa_decode_skip(backend: str, case) -> Optional[str]:
+    if case.mask and backend in ("flash", "cudnn"):
+        return f"{backend} takes no attn_mask (needed for ragged cache lengths)"
+    # math expands K / V to the query heads (enable_gqa) on top of the cache itself
+    return _decode_memory(case, 1 + (case.H // case.hkv if backend == "math" else 0))
+
+
+def _sdpa_decode(case, inp) -> Built:
+    """SDPA over the contiguous cache (B, Hkv, L, D) with ``enable_gqa`` and ``is_causal=False`` (Nq = 1 sees
+    every key; SDPA's causal is top-left aligned); ragged lengths as a (B, 1, 1, L) boolean key mask."""
+    q, k, v = inp.q, inp.k, inp.v
+    scale, gqa = inp.extra.get("scale"), case.H != case.hkv
+    mask = None
+    if case.mask:
+        lens = inp.extra["cache_seqlens"]
+        mask = (torch.arange(case.N, device=q.device) < lens[:, None]).view(case.B, 1, 1, case.N)
+    return Built(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa), [])
+
+
+class TileattnKVCache(Provider):
+    """``tileattn.attention_with_kvcache`` on a 'decode' case (forward only): paged caches (page size
+    ``bench.measure.DECODE_PAGE`` = 64, pages shuffled over the pool, :func:`bench.measure.paged_cache`) or the
+    contiguous (B, Hkv, L, D) caches; capacity L, ``cache_seqlens`` from the case, default flags (bottom-right
+    causal: the one query sees every cached key; the number of key splits chosen by the op, no host sync)."""
+
+    ops = ("decode",)
+    ours = True
+
+    def __init__(self, paged: bool):
+        self.paged = paged
+        self.name = "tileattn-kvcache" if paged else "tileattn-kvcache-contig"
+
+    def unavailable(self):
+        try:
+            import tileattn
+        except Exception as e:
+            return f"tileattn does not import: {e}"
+        if not hasattr(tileattn, "attention_with_kvcache"):
+            return "tileattn.attention_with_kvcache not available yet"
+        return None
+
+    def skip(self, case):
+        return _decode_memory(case, 2 if self.paged else 1)  # paged: the pool next to the contiguous inputs
+
+    def build(self, case, inp, masks, for_gate):
+        import tileattn
+
+        from bench.measure import DECODE_PAGE, paged_cache
+
+        q, lens, scale = inp.q, inp.extra["cache_seqlens"], inp.extra.get("scale")
+        kc, vc, table = paged_cache(inp.k, inp.v, DECODE_PAGE) if self.paged else (inp.k, inp.v, None)
+        return Built(lambda: tileattn.attention_with_kvcache(q, kc, vc, lens, block_table=table, scale=scale), [])
+
+
+class Copy(Provider):
+    """The decode sweep's bandwidth yardstick: one device copy ``dst.copy_(src)`` of exactly the K / V bytes
+    the case reads (``bench.measure.decode_kv_bytes``; src = the head of the case's K/V buffer). Its gate
+    checks the copy bitwise; its row's ``gbps`` is (bytes read + bytes written) / time."""
+
+    name = "copy"
+    ops = ("decode",)
+    cpu_ok = True
+
+    def skip(self, case):
+        return _decode_memory(case, 2)
+
+    @staticmethod
+    def expected(case, inp) -> torch.Tensor:
+        from bench.measure import decode_kv_bytes
+
+        kv = inp.extra["kv"]
+        return kv[: decode_kv_bytes(case) // kv.element_size()]
+
+    def build(self, case, inp, masks, for_gate):
+        src = self.expected(case, inp)
+        dst = torch.empty_like(src)
+        return Built(lambda: dst.copy_(src), [])
+
+
+def decode_providers() -> List[Provider]:
+    return [Copy(), TileattnKVCache(paged=True), TileattnKVCache(paged=False)]
 
 
 # ------------------------------------------------------------------------------------------------ linear
@@ -320,7 +546,8 @@ class LightningAttnPkg(Provider):
 def all_providers() -> Dict[str, Provider]:
     ps = [TileattnSoftmax(), TileattnLightning(), SDPA("flash"), SDPA("efficient"), SDPA("cudnn"), SDPA("math"),
           Flex(), Naive(), FlaSimpleGLA(), LightningAttnPkg()]
-    return {p.name: p for p in ps}
+    return {p.name: p for p in ps + [TileattnVarlen(), PaddedVarlen("tileattn"), PaddedVarlen("sdpa-flash")]
+            + decode_providers()}
 
 
 # which providers each sweep runs, and the op each computes there (the lightning sweep compares against
@@ -333,6 +560,19 @@ SWEEP_PROVIDERS = {
     "lightning": [("tileattn-lightning", "lightning"), ("fla-simple-gla", "lightning"),
                   ("lightning-attn", "lightning"), ("tileattn", "softmax"), ("sdpa-flash", "softmax")],
 }
+
+
+# the varlen sweep: one packed row of mixed-length documents, against the same documents padded to a batch
+# and FlexAttention with a document mask
+SWEEP_PROVIDERS["varlen"] = [("tileattn-varlen", "varlen"), ("tileattn-padded", "varlen"), ("flex", "varlen"),
+                             ("sdpa-flash-padded", "varlen")]
+
+
+# the decode sweep: one query per sequence over a KV cache; the copy baseline first (every other row's
+# bandwidth is a fraction of it, and the sweep always runs it)
+SWEEP_PROVIDERS["decode"] = [("copy", "decode"), ("tileattn-kvcache", "decode"), ("tileattn-kvcache-contig", "decode"),
+                             ("sdpa-flash", "decode"), ("sdpa-efficient", "decode"), ("sdpa-cudnn", "decode"),
+                             ("flex", "decode"), ("sdpa-math", "decode")]
 
 
 def series_name(provider: str, sweep: str, op: str) -> str:

@@ -4,7 +4,8 @@
 
 Ratios are tileattn's TFLOP/s over the other provider's at the same configuration (= their time / ours):
 above 1 means tileattn is faster. "best SDPA" is, per configuration, the fastest of the SDPA backends that
-ran (flash, efficient, cuDNN, math).
+ran (flash, efficient, cuDNN, math). Decode: GB/s of K/V read and its fraction of the copy bandwidth measured in
+the same run (bench.measure.DECODE_RULE).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
-from bench.measure import LINEAR_RULE, SOFTMAX_RULE
+from bench.measure import DECODE_RULE, LINEAR_RULE, SOFTMAX_RULE, VARLEN_RULE
 
 
 def _ok(rows):
@@ -121,8 +122,62 @@ def render_lightning(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_varlen(rows: Sequence[dict]) -> str:
+    """tileattn-varlen TFLOP/s per packed row and its ratio to every other provider of the varlen sweep."""
+    rows = [r for r in _ok(rows) if r["sweep"] == "varlen"]
+    if not rows:
+        return ""
+    others = sorted({r["provider"] for r in rows} - {"tileattn-varlen"})
+    by = defaultdict(dict)
+    for r in rows:
+        by[(r["dtype"], r["mode"], r["causal"], r["D"], r["N"], r["mask"])][r["provider"]] = r
+    lines = ["| dtype | mode | causal | D | N | documents | tileattn-varlen TFLOP/s | "
+             + " | ".join(f"vs {p}" for p in others) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(others)]
+    for (dt, mode, causal, D, N, mask), provs in sorted(by.items()):
+        ours = provs.get("tileattn-varlen")
+        if not ours:
+            continue
+        docs = f"{mask}: {ours['docs']} ≤ {ours['max_doc']}" if ours.get("docs") else mask
+        cells = [f"{ours['tflops'] / provs[p]['tflops']:.2f}×" if p in provs else "—" for p in others]
+        lines.append(f"| {dt} | {mode} | {'yes' if causal else 'no'} | {D} | {_len(N)} | {docs} | "
+                     f"{ours['tflops']:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def render_decode(rows: Sequence[dict]) -> str:
+    """One row per (dtype, D, cache lengths, B, L): the copy bandwidth, then every provider's K/V GB/s and its
+    fraction of the copy bandwidth; a last line counts the tileattn-kvcache configs at L >= 8k that reach 0.8."""
+    from bench.plots import DECODE_TARGET
+
+    rows = [r for r in _ok(rows) if r["sweep"] == "decode" and r.get("gbps")]
+    if not rows:
+        return ""
+    provs = sorted({r["provider"] for r in rows} - {"copy"}, key=lambda p: (not p.startswith("tileattn"), p))
+    by = defaultdict(dict)
+    for r in rows:
+        by[(r["dtype"], r["D"], r["mask"], r["B"], r["N"])][r["provider"]] = r
+    lines = ["| dtype | D | cache lengths | B | L | copy GB/s | " + " | ".join(f"{p} GB/s (of copy)" for p in provs)
+             + " |", "|---|---|---|---|---|---|" + "---|" * len(provs)]
+    for (dt, D, mask, B, N), ps in sorted(by.items()):
+        copy = ps.get("copy")
+        cells = []
+        for p in provs:
+            r = ps.get(p)
+            cells.append("—" if r is None else f"{r['gbps']:.0f}" + (f" ({r['bw_frac']:.2f})" if r.get("bw_frac") else ""))
+        lines.append(f"| {dt} | {D} | {mask or 'equal'} | {B} | {_len(N)} | {copy['gbps']:.0f} | " if copy else
+                     f"| {dt} | {D} | {mask or 'equal'} | {B} | {_len(N)} | — | ")
+        lines[-1] += " | ".join(cells) + " |"
+    frac, at = DECODE_TARGET
+    ours = [r for r in rows if r["provider"] == "tileattn-kvcache" and r["N"] >= at and r.get("bw_frac")]
+    if ours:
+        hit = sum(r["bw_frac"] >= frac for r in ours)
+        lines += ["", f"tileattn-kvcache (paged) at L ≥ {_len(at)}: {hit} of {len(ours)} configs reach {frac:g} of the "
+                      f"copy bandwidth (lowest {min(r['bw_frac'] for r in ours):.2f})."]
+    return "\n".join(lines)
+
+
 def render_summary(rows: Sequence[dict], image_dir: Optional[str] = None, detail: bool = False) -> str:
-    """Markdown: provenance, FLOP rules, the three tables and (with ``image_dir``) the plots."""
+    """Markdown: provenance, FLOP rules, the tables and (with ``image_dir``) the plots."""
     ok = _ok(rows)
     if not ok:
         return "No timed measurements in this results file (timings need a GPU).\n"
@@ -133,10 +188,12 @@ def render_summary(rows: Sequence[dict], image_dir: Optional[str] = None, detail
             f"(commit {r0.get('commit') or '?'}), {min(r['time'] for r in ok)[:10]}. Medians of "
             "`triton.testing.do_bench`. Ratios: tileattn TFLOP/s / other TFLOP/s (> 1: tileattn faster); "
             "geometric mean over lengths (min–max).")
-    parts = [head, "", f"- {SOFTMAX_RULE}", f"- {LINEAR_RULE}", ""]
+    parts = [head, "", f"- {SOFTMAX_RULE}", f"- {LINEAR_RULE}", f"- {VARLEN_RULE}", f"- {DECODE_RULE}", ""]
     for title, body in (("Softmax attention", render_softmax(rows, detail)),
                         ("Block-sparse (time vs block density)", render_sparse(rows)),
-                        ("Lightning (time vs length)", render_lightning(rows))):
+                        ("Lightning (time vs length)", render_lightning(rows)),
+                        ("Varlen (packed documents, useful TFLOP/s)", render_varlen(rows)),
+                        ("Decode over a KV cache (bandwidth, fraction of a device copy)", render_decode(rows))):
         if body:
             parts += [f"**{title}**", "", body, ""]
     if image_dir is not None:
@@ -156,6 +213,12 @@ def _pngs_for(rows):
             names.append(f"sparse_time_vs_density_{r['mode']}_{r['dtype']}.png")
         elif r["sweep"] == "lightning":
             names.append(f"lightning_time_vs_length_{r['dtype']}.png")
+        elif r["sweep"] == "varlen":
+            names.append(f"varlen_tflops_{r['mode']}_{r['dtype']}.png")
+        elif r["sweep"] == "decode" and r.get("gbps"):
+            from bench.plots import decode_png
+
+            names.append(decode_png(r))
     return names
 
 

@@ -83,6 +83,15 @@ DKDV_CONFIGS = {
              128: [(16, 16, 4, 1)],
              256: [(16, 16, 8, 1)]},
 }
+# Decoding over a KV cache (the forward's KVCACHE / PAGE / PACK_GQA variants): memory-bound, one warpgroup
+# per 64 packed query rows; sm_90 tiles AOT-checked spill-free in the paged variant, other families reuse
+# the forward's.
+DECODE_CONFIGS = {
+    "sm90": {64: [(64, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+             128: [(64, 64, 4, 3), (128, 64, 8, 3)],
+             256: [(128, 32, 8, 2)]},
+    **{f: FWD_CONFIGS[f] for f in ("sm80", "mask", "fp32")},
+}
 INTERPRET_CONFIG = (32, 32, 4, 1)
 
 
@@ -316,18 +325,49 @@ def _query_program(
 
 
 @triton.jit
+def _varlen_program(CU_A, CU_B, slot, n_seq, N_A, N_B, BT: tl.constexpr):
+    """VARLEN: the program at ``slot`` of the packed tile space along axis A (queries for the forward and
+    dQ, keys for dK/dV), as (tile of its sequence, A row start, A length, B row start, B length). Sequence b
+    owns the slots [CU_A[b] // BT + b, CU_A[b + 1] // BT + b + 1): at least cdiv(len_b, BT) of them, so
+    N_A // BT + n_seq slots hold every tile of every sequence with no padding to the longest one (a
+    sequence leaves at most one slot idle). The sequence comes from a binary search over the slot starts,
+    which increase with b. Row ranges are clamped into [0, N_A] / [0, N_B], so unchecked cu_seqlens never
+    make a program read outside the packed tensors."""
+    lo = n_seq * 0
+    hi = n_seq
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        go = tl.load(CU_A + mid) // BT + mid <= slot
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    c_a = tl.load(CU_A + lo)
+    a0 = tl.minimum(tl.maximum(c_a, 0), N_A)
+    a1 = tl.minimum(tl.maximum(tl.load(CU_A + lo + 1), a0), N_A)
+    b0 = tl.minimum(tl.maximum(tl.load(CU_B + lo), 0), N_B)
+    b1 = tl.minimum(tl.maximum(tl.load(CU_B + lo + 1), b0), N_B)
+    return slot - (c_a // BT + lo), a0, a1 - a0, b0, b1 - b0
+
+
+@triton.jit
 def _key_step(
     t, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right, p_bias, sb_m, sb_n, EMASK, q0,
-    lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
+    lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P, TBL, n_pages, s_kp, s_vp, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """Step ``t`` of a query program's key walk (forward and dQ): the key tile's K [BN, BD], V [BN, BDV]
-    and scores [BM, BN] (see :func:`_load_and_score`)."""
+    and scores [BM, BN] (see :func:`_load_and_score`). PAGE > 0: K / V are a paged cache whose pages the
+    block-table row TBL names (page stride s_kp / s_vp); a step's rows lie in one page (steps divide PAGE),
+    whose id is clamped into [0, n_pages) so a bad table never reads outside the cache."""
     start_n, k0, i_mid = _walk_step(t, lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P,
                                     MASKED, SPARSE, BSK, BLOCK_N)
+    if PAGE > 0:
+        i_pg = tl.minimum(tl.maximum(tl.load(TBL + start_n // PAGE), 0), n_pages - 1).to(tl.int64)
+        d_n = (start_n % PAGE - start_n).to(tl.int64)  # _load_tile adds start_n rows back
+        K = K + i_pg * s_kp + d_n * s_kn
+        V = V + i_pg * s_vp + d_n * s_vn
     o_n = start_n + tl.arange(0, BLOCK_N)
     return _load_and_score(
         b_q, K, V, start_n, s_kn, s_vn, Nk, qk_scale, o_m[:, None], o_n[None, :], Nq, Nk, left, right,
@@ -341,7 +381,8 @@ def _key_step(
 @triton.jit
 def _fwd_steps(
     acc, m_i, l_i, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
-    p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, IDX_F, IDX_P, MID_P, ALL_MASKED: tl.constexpr,
+    p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, IDX_F, IDX_P, MID_P,
+    TBL, n_pages, s_kp, s_vp, PAGE: tl.constexpr, ALL_MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
@@ -352,8 +393,8 @@ def _fwd_steps(
     for t in range(t0, t1):
         b_k, b_v, b_s = _key_step(  # [BN, BD], [BN, BDV], [BM, BN]
             t, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right, p_bias, sb_m, sb_n, EMASK, q0,
-            lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV,
-            MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+            lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P, TBL, n_pages, s_kp, s_vp, PAGE,
+            BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
         if MASKED:
             m_new = tl.maximum(m_i, tl.max(b_s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -377,11 +418,12 @@ def _attn_fwd(
     sn_b, sn_h, si_b, si_h, si_m,
     H, G, Nq, Nk, qk_scale, left, right,
     split_keys, s_os, s_ls,
-    N_BUCKET_Q, N_BUCKET_K,
+    N_BUCKET_Q, N_BUCKET_K, CU_Q, CU_K, n_seq, SEQLENS, n_new, TBL, s_tb, n_pages, s_kp, s_vp,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     COUNT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, NEG_SCALE: tl.constexpr,
+    VARLEN: tl.constexpr, KVCACHE: tl.constexpr, PAGE: tl.constexpr, PACK_GQA: tl.constexpr,
 ):
     # program (query tile, batch * head, key split); the last query tiles (the heaviest under a causal
     # mask) start first. Split-KV decoding writes per-split partial (O, LSE) at split strides s_os / s_ls,
@@ -392,9 +434,41 @@ def _attn_fwd(
     i_bh = (tl.program_id(2) // n_sp) * H + tl.program_id(1)
     O += i_sp.to(tl.int64) * s_os
     LSE += i_sp.to(tl.int64) * s_ls
-    i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q = _query_program(
-        Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
-        D, BLOCK_D, BLOCK_DV, BLOCK_M)
+    i_slot, s_lh = i_m, Nq  # program slot (visit counter), LSE head stride
+    if VARLEN:  # packed sequences: this slot's sequence and tile; its rows start at q_beg / k_beg
+        i_m, q_beg, Nq, k_beg, Nk = _varlen_program(CU_Q, CU_K, i_slot, n_seq, Nq, Nk, BLOCK_M)
+        if (i_m < 0) | (i_m * BLOCK_M >= Nq):
+            return
+        Q += q_beg.to(tl.int64) * s_qn
+        O += q_beg.to(tl.int64) * s_on
+        LSE += q_beg
+        K += k_beg.to(tl.int64) * s_kn
+        V += k_beg.to(tl.int64) * s_vn
+    if PACK_GQA:  # GQA decoding: the program owns packed rows r = position * G + (query head in the group)
+        # of one kv head (grid axis 1), so each K / V tile is read once for all G heads of the group
+        i_b, i_hk = tl.program_id(2) // n_sp, tl.program_id(1)
+        i_b64 = i_b.to(tl.int64)
+        o_r = tl.arange(0, BLOCK_M)
+        o_m = (i_m * BLOCK_M + o_r) // G  # query position of each row
+        o_hq = (i_hk * G + (i_m * BLOCK_M + o_r) % G).to(tl.int64)  # query head of each row
+        o_d = tl.arange(0, BLOCK_D)
+        o_dv = tl.arange(0, BLOCK_DV)
+        m_row = o_m < Nq
+        i_h = i_hk * G
+        K += i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
+        V += i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
+        p_bias = BIAS_PTR
+        b_q = tl.load(Q + i_b64 * s_qb + (o_hq * s_qh + o_m.to(tl.int64) * s_qn)[:, None] + o_d[None, :],
+                      mask=m_row[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
+        w_start, w_end = (i_m * BLOCK_M) // G, tl.minimum(((i_m + 1) * BLOCK_M - 1) // G + 1, Nq)
+    else:
+        i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q = _query_program(
+            Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
+            D, BLOCK_D, BLOCK_DV, BLOCK_M)
+        w_start, w_end = i_m * BLOCK_M, Nq  # query rows the walk plans for
+    if KVCACHE:  # keys: the first cache_seqlens[b] + n_new rows of the cache, clamped to its capacity Nk
+        Nk = tl.minimum(tl.maximum(tl.load(SEQLENS + i_b), 0) + n_new, Nk)
+        TBL += i_b64 * s_tb
     if NEG_SCALE:  # the scale's sign goes into q: interior steps need qk_scale >= 0 (max(s) * qk_scale)
         b_q = -b_q
 
@@ -402,22 +476,24 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo, lo_u, hi_u, hi, n_full, n_part, p_l = _walk_setup(
-        i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right, KV_NUM_F, KV_NUM_P, i_b, i_h,
+        w_start, BLOCK_M, BLOCK_N, w_end, Nk, Nk - Nq, -left, right, KV_NUM_F, KV_NUM_P, i_b, i_h,
         sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSQ, i_sp * split_keys, (i_sp + 1) * split_keys)
     q0 = (i_m * BLOCK_M // BSQ) * BSQ
     k_src, v_src = _sources(K, V, Nk, s_kn, s_vn, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)
     acc, m_i, l_i = _fwd_steps(  # interior tiles: no masks
         acc, m_i, l_i, b_q, k_src, v_src, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
+        TBL, n_pages, s_kp, s_vp, PAGE,
         BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, TMA, WINDOWED, SPARSE, BIAS, BSQ, BSK,
         DOT_F32, PREC)
     acc, m_i, l_i = _fwd_steps(  # boundary tiles (BLOCK_B keys a step): bounds, window, element / bias masks
         acc, m_i, l_i, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
+        TBL, n_pages, s_kp, s_vp, PAGE,
         BIAS != 0, BLOCK_M, BLOCK_B, D, DV, BLOCK_D, BLOCK_DV, True, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
         DOT_F32, PREC)
     if COUNT:  # debug: steps this program ran (interior, boundary)
-        p_c = VISITS + (i_bh.to(tl.int64) * tl.num_programs(0) + i_m) * 2
+        p_c = VISITS + (i_bh.to(tl.int64) * tl.num_programs(0) + i_slot) * 2
         tl.store(p_c, _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, False, SPARSE, BIAS != 0, BSK, BLOCK_N)[1])
         t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, True, SPARSE, BIAS != 0, BSK, BLOCK_B)
         tl.store(p_c + 1, t1 - t0)
@@ -425,9 +501,14 @@ def _attn_fwd(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     b_o = acc / l_safe[:, None]
     b_lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(_tile_ptrs(O, i_b64, s_ob, i_h, s_oh, i_m * BLOCK_M, s_on, o_r, o_dv),
-             b_o.to(O.dtype.element_ty), mask=m_row[:, None] & (o_dv[None, :] < DV))
-    tl.store(LSE + i_bh.to(tl.int64) * Nq + o_m, b_lse, mask=m_row)
+    if PACK_GQA:
+        tl.store(O + i_b64 * s_ob + (o_hq * s_oh + o_m.to(tl.int64) * s_on)[:, None] + o_dv[None, :],
+                 b_o.to(O.dtype.element_ty), mask=m_row[:, None] & (o_dv[None, :] < DV))
+        tl.store(LSE + (i_b64 * H + o_hq) * s_lh + o_m, b_lse, mask=m_row)
+    else:
+        tl.store(_tile_ptrs(O, i_b64, s_ob, i_h, s_oh, i_m * BLOCK_M, s_on, o_r, o_dv),
+                 b_o.to(O.dtype.element_ty), mask=m_row[:, None] & (o_dv[None, :] < DV))
+        tl.store(LSE + i_bh.to(tl.int64) * s_lh + o_m, b_lse, mask=m_row)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -448,8 +529,8 @@ def _dq_steps(
     for t in tl.range(t0, t1, disable_licm=NOLICM):
         b_k, b_v, b_s = _key_step(  # [BN, BD], [BN, BDV], [BM, BN]
             t, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right, p_bias, sb_m, sb_n, EMASK, q0,
-            lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV,
-            MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
+            lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P, K, 1, 0, 0, 0,
+            BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC)
         b_p = _exp2_sub(b_s, b_lse2[:, None], qk_scale, MASKED)  # [BM, BN]
         b_dp = _dot(b_do, tl.trans(b_v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
@@ -465,21 +546,33 @@ def _attn_bwd_dq(
     sb_b, sb_h, sb_m, sb_n,
     sn_b, sn_h, si_b, si_h, si_m,
     H, G, Nq, Nk, qk_scale, scale, left, right,
-    N_BUCKET_Q, N_BUCKET_K,
+    N_BUCKET_Q, N_BUCKET_K, CU_Q, CU_K, n_seq,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, VARLEN: tl.constexpr,
 ):
     i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(2) * H + tl.program_id(1)
+    s_lh = Nq  # LSE / Delta head stride
+    if VARLEN:  # packed sequences (see _attn_fwd)
+        i_m, q_beg, Nq, k_beg, Nk = _varlen_program(CU_Q, CU_K, i_m, n_seq, Nq, Nk, BLOCK_M)
+        if (i_m < 0) | (i_m * BLOCK_M >= Nq):
+            return
+        Q += q_beg.to(tl.int64) * s_qn
+        DO += q_beg.to(tl.int64) * s_don
+        DQ += q_beg.to(tl.int64) * s_dqn
+        LSE += q_beg
+        DELTA += q_beg
+        K += k_beg.to(tl.int64) * s_kn
+        V += k_beg.to(tl.int64) * s_vn
     i_b, i_h, i_b64, o_r, o_m, o_d, o_dv, m_row, K, V, p_bias, b_q = _query_program(
         Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
         D, BLOCK_D, BLOCK_DV, BLOCK_M)
     b_do = _load_tile(DO + i_b64 * s_dob + i_h.to(tl.int64) * s_doh, i_m * BLOCK_M, s_don, o_r, o_dv, Nq, DV,
                       True, DV < BLOCK_DV)  # [BM, BDV]
-    b_lse = tl.load(LSE + i_bh.to(tl.int64) * Nq + o_m, mask=m_row, other=float("-inf"))
+    b_lse = tl.load(LSE + i_bh.to(tl.int64) * s_lh + o_m, mask=m_row, other=float("-inf"))
     b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)  # empty rows: p = 0
-    b_delta = tl.load(DELTA + i_bh.to(tl.int64) * Nq + o_m, mask=m_row, other=0.0)
+    b_delta = tl.load(DELTA + i_bh.to(tl.int64) * s_lh + o_m, mask=m_row, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, lo_u, hi_u, hi, n_full, n_part, p_l = _walk_setup(
         i_m * BLOCK_M, BLOCK_M, BLOCK_N, Nq, Nk, Nk - Nq, -left, right, KV_NUM_F, KV_NUM_P, i_b, i_h,
@@ -547,11 +640,11 @@ def _attn_bwd_dkdv(
     sb_b, sb_h, sb_m, sb_n,
     sn_b, sn_h, si_b, si_h, si_m,
     H, G, Nq, Nk, qk_scale, scale, left, right,
-    N_BUCKET_Q, N_BUCKET_K, n_bhk,
+    N_BUCKET_Q, N_BUCKET_K, n_bhk, CU_Q, CU_K, n_seq,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # grid (key tile, Y, Z), (batch, kv head) = Y * pid(2) + pid(1); programs past the end (only when
     # B * Hkv > 65535) redo the last one and store the same values
@@ -559,6 +652,19 @@ def _attn_bwd_dkdv(
     Hkv = H // G
     i_bhk = tl.minimum(tl.program_id(2) * tl.num_programs(1) + tl.program_id(1), n_bhk - 1)
     i_b, i_hk = i_bhk // Hkv, i_bhk % Hkv
+    s_lh = Nq  # LSE / Delta head stride
+    if VARLEN:  # packed sequences: this slot's sequence and key tile (see _attn_fwd)
+        i_n, k_beg, Nk, q_beg, Nq = _varlen_program(CU_K, CU_Q, i_n, n_seq, Nk, Nq, BLOCK_N)
+        if (i_n < 0) | (i_n * BLOCK_N >= Nk):
+            return
+        K += k_beg.to(tl.int64) * s_kn
+        V += k_beg.to(tl.int64) * s_vn
+        DK += k_beg.to(tl.int64) * s_dkn
+        DV_PTR += k_beg.to(tl.int64) * s_dvn
+        Q += q_beg.to(tl.int64) * s_qn
+        DO += q_beg.to(tl.int64) * s_don
+        LSE += q_beg
+        DELTA += q_beg
     o_r = tl.arange(0, BLOCK_N)
     o_n = i_n * BLOCK_N + o_r
     o_d = tl.arange(0, BLOCK_D)
@@ -577,8 +683,8 @@ def _attn_bwd_dkdv(
         i_h64 = i_h.to(tl.int64)
         Qh = Q + i_b64 * s_qb + i_h64 * s_qh
         DOh = DO + i_b64 * s_dob + i_h64 * s_doh
-        LSEh = LSE + (i_b64 * H + i_h64) * Nq
-        DELTAh = DELTA + (i_b64 * H + i_h64) * Nq
+        LSEh = LSE + (i_b64 * H + i_h64) * s_lh
+        DELTAh = DELTA + (i_b64 * H + i_h64) * s_lh
         p_bias = BIAS_PTR + i_b64 * sb_b + i_h64 * sb_h
         # query i sees key j iff -right <= i - j - (Nq - Nk) <= left
         lo, lo_u, hi_u, hi, n_full, n_part, p_l = _walk_setup(
@@ -633,7 +739,8 @@ def _prune(kernel_name: str, configs, bsq: int, bsk: int):
                           num_warps=c.num_warps, num_stages=c.num_stages)]
 
 
-_KEY = ["N_BUCKET_Q", "N_BUCKET_K", "D", "DV", "WINDOWED", "SPARSE", "BIAS", "BSQ", "BSK", "PREC", "TMA"]
+_KEY = ["N_BUCKET_Q", "N_BUCKET_K", "D", "DV", "WINDOWED", "SPARSE", "BIAS", "BSQ", "BSK", "PREC", "TMA", "VARLEN", "KVCACHE", "PAGE",
+        "PACK_GQA"]
 
 # Interior steps load through tensor descriptors (TMA) on sm_90+ for the 16-bit, mask-free family when
 # every row base / stride is 16-byte aligned; "auto" decides per call, "off" forces the pointer path,
@@ -690,21 +797,22 @@ def configs_for(kernel_name: str, table, family: str, bucket: int, bsq: int = 1 
 
 
 def _tuned(kernel, table, family: str, bucket: int, bsq: int, bsk: int):
-    name = (_kernel_name(kernel), family, bucket, bsq, bsk)
+    name = (_kernel_name(kernel), family, bucket, bsq, bsk, table is DECODE_CONFIGS)
     if name not in _TUNED:
-        _TUNED[name] = triton.autotune(configs=configs_for(*name[:1], table, *name[1:]), key=_KEY)(kernel)
+        _TUNED[name] = triton.autotune(configs=configs_for(name[0], table, *name[1:5]), key=_KEY)(kernel)
     return _TUNED[name]
 
 
 def _launch(kernel, table, grid_fn, args, meta, bd: int, dtype: torch.dtype, device: torch.device):
     """Run ``kernel`` autotuned on GPU, or with the fixed interpreter config on CPU."""
+    bsk = min(meta["BSK"], meta.get("PAGE") or 1 << 30)  # key tiles fit in sparse blocks and cache pages
     if interpreter_enabled():
         bm, bn, w, s = INTERPRET_CONFIG
-        tiles = _tiles(_kernel_name(kernel), min(bm, meta["BSQ"]), min(bn, meta["BSK"]))
+        tiles = _tiles(_kernel_name(kernel), min(bm, meta["BSQ"]), min(bn, bsk))
         kernel[grid_fn(tiles)](*args, **meta, **tiles)
         return
-    _tuned(kernel, table, _family(dtype, device, meta["BIAS"]), _dim_bucket(bd), meta["BSQ"],
-           meta["BSK"])[grid_fn](*args, **meta)
+    _tuned(kernel, table, _family(dtype, device, meta["BIAS"]), _dim_bucket(bd), meta["BSQ"], bsk)[grid_fn](
+        *args, **meta)
 
 
 def _dot_options(dtype: torch.dtype):
@@ -759,7 +867,7 @@ def _check_grid(B: int, H: int) -> None:
 def _auto_splits(B: int, Hq: int, Nq: int, Nk: int, device: torch.device) -> int:
     """Split-KV (flash-decoding) for short queries over long keys, when the (query tile x head) grid
     alone would leave most SMs idle. The number of splits is a heuristic, not a measured optimum."""
-    if device.type != "cuda" or Nq > 64 or Nk < 1024:
+    if device.type != "cuda" or Nq > 128 or Nk < 1024:
         return 1
     programs = B * Hq * triton.cdiv(Nq, 64)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -778,22 +886,59 @@ def _combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.d
     return out.to(dtype), lse
 
 
+def _varlen_args(varlen, q: torch.Tensor, Nq: int, Nk: int):
+    """Kernel arguments of packed sequences: (cu_q, cu_k, nseq), the autotune length buckets (of the longest
+    sequences) and the program slots of a tile size (see ``_varlen_program``); dense calls get dummies."""
+    if varlen is None:
+        return (q, q, 1), (seqlen_bucket(Nq), seqlen_bucket(Nk)), None
+    cu_q, cu_k, max_q, max_k = varlen
+    nseq = cu_q.shape[0] - 1
+    return (cu_q, cu_k, nseq), (seqlen_bucket(max_q), seqlen_bucket(max_k)), lambda n, bt: n // bt + nseq
+
+
+def _alloc_rows(B: int, H: int, N: int, D: int, varlen, **kw) -> torch.Tensor:
+    """A (B, H, N, D) result; packed sequences (B = 1) get FlashAttention's (total, H, D) layout, viewed
+    as (1, H, total, D)."""
+    if varlen is None:
+        return alloc(B, H, N, D, **kw)
+    return alloc(N, H, D, **kw).transpose(0, 1).unsqueeze(0)
+
+
 @on_tensor_device
 def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
                       bias: Optional[torch.Tensor] = None, sparse: Optional[Sequence[torch.Tensor]] = None,
-                      count_visits: bool = False, num_splits: Optional[int] = None):
+                      count_visits: bool = False, num_splits: Optional[int] = None, varlen=None, kvcache=None):
     """Launch the forward. q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv), any strides with a
     unit last dim. Returns out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32 and, with
-    ``count_visits``, the (B*Hq, n_query_tiles, 2) int32 count of (interior, boundary) steps each program ran.
+    ``count_visits``, the (B*Hq, n_query_tiles, 2) int32 count of (interior, boundary) steps each program ran
+    (under ``varlen``: per program slot).
     ``num_splits`` > 1 splits the keys into that many ranges run by separate programs (split-KV
-    decoding), combined afterwards; None picks it automatically (only on CUDA, for short queries)."""
+    decoding), combined afterwards; None picks it automatically (only on CUDA, for short queries).
+    ``varlen = (cu_q, cu_k, max_q, max_k)``: packed sequences; q / k / v are (1, H, total, D) views of
+    FlashAttention's (total, H, D) tensors, and out is returned as such a view (no key splits).
+    ``kvcache = (cache_seqlens, n_new, block_table, pack_gqa)``: keys are the first ``cache_seqlens[b] + n_new``
+    rows of a cache of capacity Nk; with a block table, k / v are (num_pages, Hkv, page_size, D) views of a
+    paged cache (capacity max_pages x page_size); ``pack_gqa`` lays the G query heads of a kv head along the
+    query tile (one K / V read per group)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     _check_grid(B, Hq)
-    splits = _auto_splits(B, Hq, Nq, Nk, q.device) if num_splits is None else int(num_splits)
+    (cu_q, cu_k, nseq), buckets, slots = _varlen_args(varlen, q, Nq, Nk)
+    seqlens, n_new, table, pack = kvcache if kvcache is not None else (q, 0, None, False)
+    kstr, vstr = k.stride()[:3], v.stride()[:3]
+    page, paging = 0, (q, 0, 1, 0, 0)  # PAGE, (table, row stride, pages, page strides of k / v)
+    if table is not None:
+        page, Nk = k.shape[2], table.shape[1] * k.shape[2]
+        paging = (table, table.stride(0), k.shape[0], k.stride(0), v.stride(0))
+        kstr, vstr = (0,) + kstr[1:], (0,) + vstr[1:]
+    G = Hq // Hkv
+    rows, heads = (G * Nq, Hkv) if pack else (Nq, Hq)  # query rows of a program's head, heads on grid axis 1
+    if kvcache is not None:
+        buckets = (seqlen_bucket(rows), seqlen_bucket(Nk))
+    splits = _auto_splits(B, heads, rows, Nk, q.device) if num_splits is None else int(num_splits)
     splits = min(splits, _GRID_YZ // B)  # batch x splits share grid axis 2
     split_keys = 1 << 30
-    if splits > 1 and sparse is None and not count_visits:
+    if splits > 1 and sparse is None and not count_visits and varlen is None:
         split_keys = triton.cdiv(triton.cdiv(Nk, splits), SPLIT_ALIGN) * SPLIT_ALIGN
         splits = triton.cdiv(Nk, split_keys)
     else:
@@ -804,7 +949,7 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
         out, lse = o_part[0], lse_part[0]
         split_strides = (o_part.stride(0), lse_part.stride(0))
     else:
-        out = alloc(B, Hq, Nq, Dv, device=q.device, dtype=q.dtype)
+        out = _alloc_rows(B, Hq, Nq, Dv, varlen, device=q.device, dtype=q.dtype)
         lse = alloc(B, Hq, Nq, device=q.device, dtype=torch.float32)
         split_strides = (0, 0)
     bias_t, sb, bias_mode = _bias_args(bias, q)
@@ -816,18 +961,21 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
         bm = min(INTERPRET_CONFIG[0], bsq) if interpreter_enabled() else None
         if bm is None:
             raise ValueError("count_visits is a debug option of the interpreter build")
-        visits = torch.zeros(B * Hq, triton.cdiv(Nq, bm), 2, dtype=torch.int32, device=q.device)
+        n_tiles = triton.cdiv(Nq, bm) if slots is None else slots(Nq, bm)
+        visits = torch.zeros(B * Hq, n_tiles, 2, dtype=torch.int32, device=q.device)
     else:
         visits = lse
     args = (q, k, v, out, lse, bias_t, *sp[:5], sp[5], visits,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            *sb, *sl, Hq, Hq // Hkv, Nq, Nk, abs(scale) * LOG2E, left_, right_, split_keys, *split_strides,
-            seqlen_bucket(Nq), seqlen_bucket(Nk))
+            q.stride(0), q.stride(1), q.stride(2), *kstr, *vstr, out.stride(0), out.stride(1), out.stride(2),
+            *sb, *sl, Hq, G, Nq, Nk, abs(scale) * LOG2E, left_, right_, split_keys, *split_strides,
+            *buckets, cu_q, cu_k, nseq, seqlens, n_new, *paging)
     meta = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, WINDOWED=windowed, SPARSE=sparse is not None,
                 BIAS=bias_mode, BSQ=bsq, BSK=bsk, COUNT=count_visits, DOT_F32=dot_f32, PREC=prec, NEG_SCALE=scale < 0,
-                TMA=_tma_ok((k, v), _call_family(q, bias_mode)))
-    _launch(_attn_fwd, FWD_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), Hq, B * splits), args, meta,
+                TMA=table is None and _tma_ok((k, v), _call_family(q, bias_mode)), VARLEN=varlen is not None,
+                KVCACHE=kvcache is not None, PAGE=page, PACK_GQA=bool(pack))
+    n_q = (lambda bm: triton.cdiv(rows, bm)) if slots is None else (lambda bm: slots(Nq, bm))
+    _launch(_attn_fwd, FWD_CONFIGS if kvcache is None else DECODE_CONFIGS,
+            lambda m: (n_q(m["BLOCK_M"]), heads, B * splits), args, meta,
             max(BD, BDV), q.dtype, q.device)
     if splits > 1:
         out, lse = _combine_splits(o_part, lse_part, q.dtype)
@@ -837,58 +985,119 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
 @on_tensor_device
 def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, right: int = -1,
                        bias: Optional[torch.Tensor] = None, sparse: Optional[Sequence[torch.Tensor]] = None,
-                       dlse: Optional[torch.Tensor] = None):
+                       dlse: Optional[torch.Tensor] = None, varlen=None):
     """Launch the backward: Delta = rowsum(dO * O) (minus dLSE), then dQ and dK/dV kernels (no atomics,
-    deterministic). Returns dq, dk, dv shaped and typed like q, k, v."""
+    deterministic). Returns dq, dk, dv shaped and typed like q, k, v (``varlen``: see attention_forward)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     _check_grid(B, Hq)
+    (cu_q, cu_k, nseq), buckets, slots = _varlen_args(varlen, q, Nq, Nk)
     delta = row_dot(out, do)
     if dlse is not None:
         delta = delta - dlse.float()
-    dq = alloc(B, Hq, Nq, D, device=q.device, dtype=q.dtype)
-    dk = alloc(B, Hkv, Nk, D, device=q.device, dtype=k.dtype)
-    dv = alloc(B, Hkv, Nk, Dv, device=q.device, dtype=v.dtype)
+    dq = _alloc_rows(B, Hq, Nq, D, varlen, device=q.device, dtype=q.dtype)
+    dk = _alloc_rows(B, Hkv, Nk, D, varlen, device=q.device, dtype=k.dtype)
+    dv = _alloc_rows(B, Hkv, Nk, Dv, varlen, device=q.device, dtype=v.dtype)
     bias_t, sb, bias_mode = _bias_args(bias, q)
     left_, right_, windowed = _window_args(left, right, Nq, Nk)
     dot_f32, prec = _dot_options(q.dtype)
     BD, BDV = next_pow2(D), next_pow2(Dv)
-    common = (Hq, Hq // Hkv, Nq, Nk, scale * LOG2E, scale, left_, right_, seqlen_bucket(Nq), seqlen_bucket(Nk))
+    common = (Hq, Hq // Hkv, Nq, Nk, scale * LOG2E, scale, left_, right_, *buckets)
     sp, sl, bsq, bsk = _sparse_args(sparse, B, Hq, False, q)
     meta = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, WINDOWED=windowed, SPARSE=sparse is not None,
                 BIAS=bias_mode, BSQ=bsq, BSK=bsk, DOT_F32=dot_f32, PREC=prec,
-                TMA=_tma_ok((q, k, v, do), _call_family(q, bias_mode)))
+                TMA=_tma_ok((q, k, v, do), _call_family(q, bias_mode)), VARLEN=varlen is not None)
+    tiles = (lambda n, bt: triton.cdiv(n, bt)) if slots is None else slots
     args = (q, k, v, do, dq, lse, delta, bias_t, *sp,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), *sb, *sl, *common)
-    _launch(_attn_bwd_dq, DQ_CONFIGS, lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), Hq, B), args, meta, max(BD, BDV), q.dtype, q.device)
+            dq.stride(0), dq.stride(1), dq.stride(2), *sb, *sl, *common, cu_q, cu_k, nseq)
+    _launch(_attn_bwd_dq, DQ_CONFIGS, lambda m: (tiles(Nq, m["BLOCK_M"]), Hq, B), args, meta, max(BD, BDV), q.dtype,
+            q.device)
     sp, sl, _, _ = _sparse_args(sparse, B, Hq, True, q)
     args = (q, k, v, do, dk, dv, lse, delta, bias_t, *sp,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *sb, *sl, *common,
-            B * Hkv)
+            B * Hkv, cu_q, cu_k, nseq)
     ny = min(B * Hkv, _GRID_YZ)
-    _launch(_attn_bwd_dkdv, DKDV_CONFIGS, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), ny, triton.cdiv(B * Hkv, ny)),
+    _launch(_attn_bwd_dkdv, DKDV_CONFIGS, lambda m: (tiles(Nk, m["BLOCK_N"]), ny, triton.cdiv(B * Hkv, ny)),
             args, meta, max(BD, BDV), q.dtype, q.device)
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache: in-place append of new tokens (contiguous or paged cache)
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _kv_append(
+    X, CACHE, SEQLENS, TBL, s_xb, s_xh, s_xn, s_cb, s_ch, s_cn, s_cp, s_tb, Hkv, n_new, cap, n_pages,
+    DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+):
+    """Write the new rows X (B, Hkv, n_new, DIM) of a (batch, kv head) into the cache at positions
+    cache_seqlens[b] + t: a contiguous cache (B, Hkv, cap, DIM) at strides (s_cb, s_ch, s_cn), or a paged
+    cache (num_pages, PAGE, Hkv, DIM) through the block-table row of b (page stride s_cp, row stride s_cn,
+    head stride s_ch). Rows past the capacity or on a page id outside [0, n_pages) are not written."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // Hkv, i_bh % Hkv
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    o_d = tl.arange(0, BLOCK_D)
+    pos = tl.maximum(tl.load(SEQLENS + i_b), 0) + o_t
+    m_t = o_t < n_new
+    m_ok = m_t & (pos < cap)
+    if PAGE > 0:
+        i_pg = tl.load(TBL + i_b.to(tl.int64) * s_tb + pos // PAGE, mask=m_ok, other=-1)
+        m_ok = m_ok & (i_pg >= 0) & (i_pg < n_pages)
+        p_row = CACHE + i_pg.to(tl.int64) * s_cp + (pos % PAGE).to(tl.int64) * s_cn + i_h.to(tl.int64) * s_ch
+    else:
+        p_row = CACHE + i_b.to(tl.int64) * s_cb + i_h.to(tl.int64) * s_ch + pos.to(tl.int64) * s_cn
+    m_d = (o_d < DIM)[None, :]
+    b_x = tl.load(X + i_b.to(tl.int64) * s_xb + i_h.to(tl.int64) * s_xh + (o_t.to(tl.int64) * s_xn)[:, None]
+                  + o_d[None, :], mask=m_t[:, None] & m_d, other=0.0)
+    tl.store(p_row[:, None] + o_d[None, :], b_x, mask=m_ok[:, None] & m_d)
+
+
+@on_tensor_device
+def kv_append(x: torch.Tensor, cache: torch.Tensor, cache_seqlens: torch.Tensor,
+              block_table: Optional[torch.Tensor] = None) -> None:
+    """Write x (B, Hkv, n_new, DIM) into ``cache`` in place at positions ``cache_seqlens[b] + t``: contiguous
+    (B, Hkv, cap, DIM) or paged (num_pages, page_size, Hkv, DIM) with ``block_table`` (B, max_pages). No sync."""
+    B, Hkv, n_new, dim = x.shape
+    if n_new == 0:
+        return
+    if block_table is None:
+        cap, page = cache.shape[2], 0
+        s_c = (cache.stride(0), cache.stride(1), cache.stride(2), 0)
+        tbl, s_tb, n_pages = cache_seqlens, 0, 1
+    else:
+        page = cache.shape[1]
+        cap = block_table.shape[1] * page
+        s_c = (0, cache.stride(2), cache.stride(1), cache.stride(0))
+        tbl, s_tb, n_pages = block_table, block_table.stride(0), cache.shape[0]
+    BLOCK_T = min(64, next_pow2(n_new))
+    _kv_append[(triton.cdiv(n_new, BLOCK_T), B * Hkv)](
+        x, cache, cache_seqlens, tbl, x.stride(0), x.stride(1), x.stride(2), *s_c, s_tb, Hkv, n_new, cap, n_pages,
+        DIM=dim, BLOCK_T=BLOCK_T, BLOCK_D=next_pow2(dim), PAGE=page, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Ahead-of-time specs for the resource report / spill test
 # ----------------------------------------------------------------------------------------------------
 _INT_PTRS = ("KV_NUM_F", "KV_IDX_F", "KV_NUM_P", "KV_IDX_P", "KV_MID_P",
-             "Q_NUM_F", "Q_IDX_F", "Q_NUM_P", "Q_IDX_P", "Q_MID_P", "VISITS")
-_KERNELS = {"fwd": _attn_fwd, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv}
+             "Q_NUM_F", "Q_IDX_F", "Q_NUM_P", "Q_IDX_P", "Q_MID_P", "VISITS", "CU_Q", "CU_K", "SEQLENS", "TBL")
+_KERNELS = {"fwd": _attn_fwd, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv, "decode": _attn_fwd}
 # Mask variants a config must compile spill-free in (the heaviest ones), per config family.
 _VARIANTS = {
     "dense": dict(WINDOWED=False, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30),
     "causal": dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30),
     "sparse": dict(WINDOWED=False, SPARSE=True, BIAS=0, BSQ=128, BSK=128),
     "bias": dict(WINDOWED=True, SPARSE=False, BIAS=2, BSQ=1 << 30, BSK=1 << 30),
+    "varlen": dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30, VARLEN=True),
+    # decoding over a paged KV cache (forward only): GQA-packed query tiles, per-sequence lengths, pages of 128
+    "paged": dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30, KVCACHE=True, PAGE=128,
+                  PACK_GQA=True),
 }
-_FAMILY_VARIANTS = {"sm90": ("dense", "causal", "sparse"), "sm80": ("causal", "sparse"), "mask": ("bias",),
+_FAMILY_VARIANTS = {"sm90": ("dense", "causal", "sparse", "varlen", "paged"), "sm80": ("causal", "sparse"), "mask": ("bias",),
                     "fp32": ("causal", "sparse", "bias")}
 _FAMILY_DTYPES = {"sm90": (torch.float16, torch.bfloat16), "sm80": (torch.float16, torch.bfloat16),
                   "mask": (torch.float16, torch.bfloat16), "fp32": (torch.float32,)}
@@ -931,17 +1140,22 @@ def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, i
     var = _VARIANTS[variant]
     if var["SPARSE"] and (bm > var["BSQ"] or bn > var["BSK"]):
         return None
+    if bool(var.get("PAGE")) != (tag == "decode"):  # KV-cache variants: the forward with the decode table
+        return None
     dtype = dtype or _FAMILY_DTYPES[family][-1 if variant == "sparse" else 0]
     kernel = _KERNELS[tag]
     cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, **_tiles(kernel.__name__, bm, bn, *config[4:]),
-              DOT_F32=False, PREC="tf32" if family == "fp32" else "ieee", TMA=family == "sm90", **var)
-    if tag == "fwd":
-        cx.update(COUNT=False, NEG_SCALE=False)
+              DOT_F32=False, PREC="tf32" if family == "fp32" else "ieee", TMA=family == "sm90",
+              **{"VARLEN": False, **var})
+    if tag in ("fwd", "decode"):
+        cx.update(COUNT=False, NEG_SCALE=False, **{n: var.get(n, False) for n in ("KVCACHE", "PACK_GQA")},
+                  PAGE=var.get("PAGE", 0))
+        cx["TMA"] = cx["TMA"] and not cx["PAGE"]
     sig = _signature(kernel, dtype, cx)
     name = f"attn_{tag}[{family},{variant},{str(dtype)[6:]},d{bucket}] BM{bm} BN{bn} BB{cx['BLOCK_B']} w{w} s{s}"
     # nominal MMA FLOPs of one iteration of the interior and of the boundary loop (program tile x step x
     # head dim x matmuls: fwd QK^T + PV; dQ QK^T, dO V^T, dS K; dK/dV all four)
-    n_mm = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4}[tag]
+    n_mm = {"fwd": 2, "decode": 2, "bwd_dq": 3, "bwd_dkdv": 4}[tag]
     this, step = (bn, bm) if tag == "bwd_dkdv" else (bm, bn)
     iter_flops = [2 * this * st * bucket * n_mm for st in (step, cx["BLOCK_B"])]
     return KernelSpec(name, kernel, sig, cx, w, s, archs=_FAMILY_ARCHS[family],
@@ -954,7 +1168,7 @@ def aot_specs() -> List[KernelSpec]:
     """Every shipped config of the three kernels, per family and head-dim bucket, in every mask variant."""
     specs = []
     for tag in _KERNELS:
-        table = {"fwd": FWD_CONFIGS, "bwd_dq": DQ_CONFIGS, "bwd_dkdv": DKDV_CONFIGS}[tag]
+        table = {"fwd": FWD_CONFIGS, "decode": DECODE_CONFIGS, "bwd_dq": DQ_CONFIGS, "bwd_dkdv": DKDV_CONFIGS}[tag]
         for family, buckets in table.items():
             for bucket, configs in buckets.items():
                 for config in configs:

@@ -14,6 +14,8 @@ import torch
 __all__ = [
     "visible_mask",
     "attention_ref",
+    "attention_varlen_ref",
+    "attention_kvcache_ref",
     "linear_attention_quadratic_ref",
     "linear_attention_recurrent_ref",
     "lightning_varlen_ref",
@@ -105,6 +107,86 @@ def attention_ref(
     if not upcast:
         out = out.to(dtype)
     return out, lse.squeeze(-1)
+
+
+def attention_varlen_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: Optional[Tuple[int, int]] = None,
+    scale: Optional[float] = None,
+    upcast: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed variable-length attention, one :func:`attention_ref` per sequence; returns ``(out, lse)``.
+
+    q: (total_q, Hq, D), k: (total_k, Hkv, D), v: (total_k, Hkv, Dv) (FlashAttention's varlen layout);
+    sequence b is rows ``cu_seqlens_*[b]:cu_seqlens_*[b + 1]``. out: (total_q, Hq, Dv), lse: (Hq, total_q).
+    A sequence with queries but no keys gives out = 0 and lse = -inf."""
+    hq, dv = q.shape[1], v.shape[-1]
+    dtype = torch.float64 if upcast else q.dtype
+    outs, lses = [], []
+    for b in range(cu_seqlens_q.numel() - 1):
+        q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+        if q1 == q0:
+            continue
+        if k1 == k0:
+            outs.append(torch.zeros(q1 - q0, hq, dv, device=q.device, dtype=dtype))
+            lses.append(torch.full((hq, q1 - q0), -math.inf, device=q.device, dtype=torch.float64 if upcast else torch.float32))
+            continue
+        o, l = attention_ref(*(x[None].transpose(1, 2) for x in (q[q0:q1], k[k0:k1], v[k0:k1])), causal=causal,
+                             window=window, scale=scale, upcast=upcast)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(l[0])
+    if not outs:
+        return q.new_zeros(0, hq, dv, dtype=dtype), q.new_zeros(hq, 0, dtype=torch.float64 if upcast else torch.float32)
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def attention_kvcache_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    *,
+    block_table: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    window: Optional[Tuple[int, int]] = None,
+    scale: Optional[float] = None,
+    upcast: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a KV cache, per sequence, without touching the cache: the keys of sequence b are its
+    first ``cache_seqlens[b]`` cached rows followed by the new rows ``k[b]`` / ``v[b]`` (if given).
+    Contiguous caches: (B, Hkv, Ncache, D); paged caches (with ``block_table`` (B, max_pages)):
+    (num_pages, page_size, Hkv, D). q: (B, Hq, Nq, D). Returns (out (B, Hq, Nq, Dv), lse (B, Hq, Nq))."""
+    B, hq, nq, _ = q.shape
+    dv = v_cache.shape[-1]
+    outs, lses = [], []
+    for b in range(B):
+        n = int(cache_seqlens[b])
+        if block_table is None:
+            kb, vb = k_cache[b, :, :n], v_cache[b, :, :n]
+        else:
+            ps = k_cache.shape[1]
+            pages = block_table[b, : (n + ps - 1) // ps].long()
+            kb = k_cache[pages].flatten(0, 1)[:n].transpose(0, 1)
+            vb = v_cache[pages].flatten(0, 1)[:n].transpose(0, 1)
+        if k is not None:
+            kb, vb = torch.cat([kb, k[b].to(kb.dtype)], 1), torch.cat([vb, v[b].to(vb.dtype)], 1)
+        if kb.shape[1] == 0:
+            outs.append(q.new_zeros(hq, nq, dv, dtype=torch.float64 if upcast else q.dtype))
+            lses.append(torch.full((hq, nq), -math.inf, device=q.device, dtype=torch.float64 if upcast else torch.float32))
+            continue
+        o, l = attention_ref(q[b:b + 1], kb[None], vb[None], causal=causal, window=window, scale=scale, upcast=upcast)
+        outs.append(o[0])
+        lses.append(l[0])
+    return torch.stack(outs), torch.stack(lses)
 
 
 def _log_decays(decay: Optional[torch.Tensor], g: Optional[torch.Tensor], b: int, h: int, n: int,

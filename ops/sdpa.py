@@ -126,18 +126,61 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p) -> Optional[str]:
                 "itself; its storage is not a dense mask)")
     if dropout_p > 0.0:
         return "dropout_p > 0 (the fused kernels have no attention dropout)"
-    if any(x.is_nested for x in (query, key, value)):
-        return "nested tensors are not supported"
+    nested = any(x.is_nested for x in (query, key, value))
+    if nested and _nested_reason(query, key, value, attn_mask) is not None:
+        return _nested_reason(query, key, value, attn_mask)
     if query.dtype not in SUPPORTED_DTYPES:
         return f"dtype {query.dtype} is not supported (float16, bfloat16, float32 are)"
     if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
         return f"head dims above {MAX_HEAD_DIM} are not supported"
-    if any(x.numel() == 0 for x in (query, key, value)):
+    if not nested and any(x.numel() == 0 for x in (query, key, value)):
         return "empty inputs"
     if (attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad
             and torch.is_grad_enabled()):
         return "a float attn_mask that requires grad (the fused op gives the mask no gradient)"
     return None
+
+
+def _nested_reason(query, key, value, attn_mask) -> Optional[str]:
+    """Why nested inputs cannot run on the varlen kernels (None when they can: jagged (B, H, j, D))."""
+    if not all(x.is_nested for x in (query, key, value)):
+        return "a mix of nested and dense inputs"
+    if any(x.layout != torch.jagged for x in (query, key, value)):
+        return "nested tensors with the strided layout (layout=torch.jagged runs fused)"
+    if any(x.dim() != 4 or x._ragged_idx != 2 for x in (query, key, value)):
+        return "nested tensors not shaped (B, H, j, D) with the ragged dim third"
+    if attn_mask is not None:
+        return "an attn_mask with nested tensors"
+    return None
+
+
+def _sdpa_nested(query, key, value, is_causal: bool, scale: Optional[float], enable_gqa: bool):
+    """Jagged nested (B, H, j, E) inputs on :func:`tileattn.attention_varlen`: the packed values and the
+    offsets are the varlen interface; the result is a jagged (B, H, j, Ev) nested tensor with query's
+    ragged structure. Differentiable in query, key and value."""
+    from tileattn.attention import attention_varlen
+
+    if query.dtype != key.dtype or query.dtype != value.dtype:
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    hq, hk = query.shape[1], key.shape[1]
+    if value.shape[1] != hk or (hq != hk and not (enable_gqa and hq % hk == 0)):
+        raise ValueError(f"nested query / key / value head counts {hq} / {hk} / {value.shape[1]}: key and value "
+                         "must match, and query's must equal them (or be a multiple with enable_gqa=True)")
+    if key.offsets() is not value.offsets() and not torch.equal(key.offsets(), value.offsets()):
+        raise ValueError("nested key and value must have the same sequence lengths")
+    if is_causal and query.offsets() is not key.offsets() and not torch.equal(query.offsets(), key.offsets()):
+        raise ValueError("is_causal with nested tensors needs query and key of equal lengths per sequence "
+                         "(torch's top-left causal mask); pass a lower-right CausalBias-free call instead")
+
+    def max_len(x):
+        m = getattr(x, "_maybe_max_seqlen", None)
+        return None if m is None else int(m)
+
+    q, k, v = (x.values().transpose(0, 1) for x in (query, key, value))  # (total, H, E) views
+    cu_q, cu_k = query.offsets().to(torch.int32), key.offsets().to(torch.int32)
+    out = attention_varlen(q, k, v, cu_q, cu_k, max_len(query), max_len(key), causal=is_causal, scale=scale)
+    return torch.nested.nested_tensor_from_jagged(out, query.offsets(), min_seqlen=getattr(query, "_maybe_min_seqlen", None),
+                                                  max_seqlen=getattr(query, "_maybe_max_seqlen", None)).transpose(1, 2)
 
 
 def _mask_4d(mask: torch.Tensor, batch: Tuple[int, ...], bflat: int) -> torch.Tensor:
@@ -189,9 +232,14 @@ def scaled_dot_product_attention(
         gradient). A query row whose keys are all masked out returns 0 (torch's CPU math kernel also
         returns 0; some torch GPU kernels return NaN).
 
+    Nested jagged tensors (``torch.nested``, ``layout=torch.jagged``, (B, H, j, E) as torch's SDPA takes
+    them) run on :func:`tileattn.attention_varlen` and return a jagged nested tensor with query's
+    structure; ``is_causal`` there needs equal query / key lengths per sequence, ``enable_gqa`` works.
+
     Falls back to ``torch.nn.functional.scaled_dot_product_attention`` with a one-time warning saying why
-    for: ``dropout_p > 0``, nested tensors, dtypes other than float16 / bfloat16 / float32, head dims
-    above 256, empty inputs, and a float ``attn_mask`` that requires grad (while grad is enabled).
+    for: ``dropout_p > 0``, strided-layout nested tensors or nested with an ``attn_mask``, dtypes other
+    than float16 / bfloat16 / float32, head dims above 256, empty inputs, and a float ``attn_mask`` that
+    requires grad (while grad is enabled).
     """
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, torch.Tensor):
@@ -223,6 +271,8 @@ def scaled_dot_product_attention(
         return F.scaled_dot_product_attention(query, key, value, attn_mask=torch_args[0], dropout_p=dropout_p,
                                               is_causal=torch_args[1], scale=scale, enable_gqa=enable_gqa)
 
+    if query.is_nested:
+        return _sdpa_nested(query, key, value, is_causal, scale, enable_gqa)
     if query.dtype != key.dtype or query.dtype != value.dtype:
         raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     if not (query.dim() == key.dim() == value.dim()) or query.dim() < 2:

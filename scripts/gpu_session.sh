@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_session.sh OUT STAGE
 #
-# STAGE: check | tests | bench-softmax | bench-sparse | bench-lightning | all
+# STAGE: check | tests | bench-softmax | bench-sparse | bench-lightning | bench-varlen | bench-decode | all
 # Every stage first installs this checkout with no package index (python -m pip install --no-index
 # --no-build-isolation --no-deps -e .: torch, Triton and setuptools must already be installed) and writes
 # device, driver, torch, Triton and CUDA versions to OUT/env.txt. Each stage's main command runs under
@@ -15,10 +15,13 @@
 #   bench-softmax    softmax fwd/bwd, bf16, D 64/128, causal and not, N 512..16k  -> OUT/bench-softmax/
 #   bench-sparse     block-sparse densities + windows at N 8k/16k, dense baselines -> OUT/bench-sparse/
 #   bench-lightning  lightning fwd/bwd/fwd+bwd, B·H 1x16 (N 1k..64k) and 8x32 (N 1k..32k) vs fla, softmax -> OUT/bench-lightning/
+#   bench-varlen     packed mixed-length documents (16k tokens) vs padded and Flex -> OUT/bench-varlen/
+#   bench-decode     one query over a KV cache, B 1/8/64, cache 1k..128k: K/V GB/s as a fraction of a
+#                    device copy, paged + contiguous vs SDPA and Flex            -> OUT/bench-decode/
 #   all              every stage above, in that order
 set -uo pipefail
 
-STAGES="check tests bench-softmax bench-sparse bench-lightning"
+STAGES="check tests bench-softmax bench-sparse bench-lightning bench-varlen bench-decode"
 usage() {
   echo "usage: bash scripts/gpu_session.sh OUT STAGE   (STAGE: ${STAGES// / | } | all)" >&2
   exit 2
@@ -112,6 +115,16 @@ stage_bench-sparse() {
 stage_bench-lightning() {
   bench bench-lightning --ops lightning --lengths 1k,2k,4k,8k,16k,32k,64k --modes fwd,bwd,fwdbwd \
       --providers tileattn-lightning,fla-simple-gla,lightning-attn,tileattn,sdpa-flash
+}
+
+stage_bench-varlen() {
+  bench bench-varlen --ops varlen --lengths 16k
+}
+
+# forward only (--modes is ignored by the decode sweep); microsecond calls: shorter do_bench windows
+stage_bench-decode() {
+  bench bench-decode --ops decode --lengths 1k,2k,4k,8k,16k,32k,64k,128k --warmup 10 --rep 50 \
+      --providers copy,tileattn-kvcache,tileattn-kvcache-contig,sdpa-flash,sdpa-efficient,sdpa-cudnn,flex
 }
 
 rc=0

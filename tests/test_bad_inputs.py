@@ -66,7 +66,39 @@ def mha(q=X, k=X, v=X, **kw):
 
 
 # (function, bad-input class) -> (call, exception type, text naming what was expected)
+CU = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+PQ, PV = t(8, 2, 16), t(8, 2, 8)
+
+
+def varlen(q=PQ, k=PQ, v=PV, cu_q=CU, cu_k=CU, *args, **kw):
+    return lambda: tileattn.attention_varlen(q, k, v, cu_q, cu_k, *args, **kw)
+
+
+KC, KL = t(2, 16, 2, 16), torch.tensor([3], dtype=torch.int32, device=DEVICE)
+
+
+def kvc(q=Q[:, :, :1], k_cache=KC, v_cache=KC, seqlens=KL, **kw):
+    kw.setdefault("block_table", torch.tensor([[0, 1]], dtype=torch.int32, device=DEVICE))
+    return lambda: tileattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, **kw)
+
+
 CATALOGUE = {
+    # ---- attention_with_kvcache (tests/test_kvcache.py has more)
+    ("attention_with_kvcache", "rank"): (kvc(q=Q[0]), ValueError, "q must have 4 dimensions"),
+    ("attention_with_kvcache", "seqlens dtype"): (kvc(seqlens=KL.long()), TypeError, "cache_seqlens must be int32"),
+    ("attention_with_kvcache", "capacity"): (kvc(seqlens=KL + 40), ValueError, "capacity"),
+    ("attention_with_kvcache", "page size"): (kvc(k_cache=t(2, 12, 2, 16), v_cache=t(2, 12, 2, 16)), ValueError,
+                                               "power of two"),
+    ("attention_with_kvcache", "window"): (kvc(window=(1, 2, 3)), TypeError, "window must be a (left, right)"),
+    ("attention_with_kvcache", "grad"): (kvc(q=Q[:, :, :1].clone().requires_grad_()), ValueError, "forward-only"),
+    # ---- attention_varlen (tests/test_varlen.py has the cu_seqlens value checks)
+    ("attention_varlen", "rank"): (varlen(q=Q), ValueError, "q must have 3 dimensions"),
+    ("attention_varlen", "cu dtype"): (varlen(cu_q=CU.long()), TypeError, "cu_seqlens_q must be int32"),
+    ("attention_varlen", "cu start"): (varlen(cu_k=CU + 1), ValueError, "cu_seqlens_k must start at 0"),
+    ("attention_varlen", "cu total"): (varlen(cu_q=CU.clone().fill_(0)), ValueError, "must equal the number of packed rows"),
+    ("attention_varlen", "max_seqlen"): (varlen(PQ, PQ, PV, CU, CU, 2, 8), ValueError, "more than max_seqlen_q"),
+    ("attention_varlen", "window"): (varlen(window=(1,)), TypeError, "window must be a (left, right)"),
+    ("attention_varlen", "dtype mix"): (varlen(k=PQ.half()), TypeError, "dtype"),
     # ---- attention
     ("attention", "not a tensor"): (attn(q=Q.tolist()), TypeError, "q must be a torch.Tensor"),
     ("attention", "rank"): (attn(q=Q[0]), ValueError, "q must have 4 dimensions"),
@@ -193,5 +225,5 @@ def test_bad_input(key):
 
 def test_catalogue_covers_every_public_function():
     funcs = {f for f, _ in CATALOGUE}
-    assert funcs == {"attention", "sdpa", "weights", "create_block_mask", "BlockMask", "lightning", "decode",
+    assert funcs == {"attention", "attention_varlen", "attention_with_kvcache", "sdpa", "weights", "create_block_mask", "BlockMask", "lightning", "decode",
                      "MultiheadAttention", "LightningAttention"}

@@ -14,6 +14,8 @@ import tileattn
 from tileattn import masks, reference
 from helpers import DEVICE, TF32_FLOOR, assert_close, randn, run_case
 from test_lightning import check_against_reference
+from test_kvcache import run_case as kvcache_case
+from test_varlen import check_against_reference as varlen_check, cu
 from test_weights import probs_ref
 
 pytestmark = pytest.mark.gpu
@@ -23,6 +25,27 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 def _floor(dtype):
     return TF32_FLOOR if dtype == FP32 else None
+
+
+# ------------------------------------------------------------------------------------------------ varlen / KV cache
+@pytest.mark.parametrize("dtype,causal", [(BF16, True), (FP16, False)], ids=["bf16-causal", "fp16"])
+def test_varlen_packed_documents(dtype, causal):
+    """Packed documents of mixed lengths (incl. empty and 1-token ones) at realistic sizes, with GQA."""
+    lens = [1500, 0, 1, 777, 2048, 129, 3000]
+    tot = sum(lens)
+    q = torch.randn(tot, 8, 128, device=DEVICE).to(dtype).requires_grad_()
+    k = torch.randn(tot, 2, 128, device=DEVICE).to(dtype).requires_grad_()
+    v = torch.randn(tot, 2, 128, device=DEVICE).to(dtype).requires_grad_()
+    varlen_check(q, k, v, cu(lens), cu(lens), causal=causal, dtype=dtype, lse_grad=False)
+
+
+@pytest.mark.parametrize("page,D,dtype", [(64, 128, BF16), (16, 64, FP16), (256, 256, BF16), (0, 128, FP16)],
+                         ids=["paged64-d128", "paged16-d64", "paged256-d256", "contiguous-d128"])
+def test_kvcache_decoding(page, D, dtype):
+    """Decoding over long caches (GQA 32/8, ragged lengths, one appended token) through the autotuned decode
+    configs and automatic split-KV."""
+    kvcache_case(B=4, hq=32, hkv=8, D=D, Dv=D, nq=1, n_new=1, lens=(0, 4095, 8191, 1234), page=page, cap=8192,
+                 dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------ softmax

@@ -227,3 +227,47 @@ def test_block_mask_cache_never_serves_a_stale_mask():
     mask2 = (doc[:, None] >= doc[None, :])[None, None].clone()  # may reuse the freed address
     out = tileattn.scaled_dot_product_attention(q, k, v, attn_mask=mask2)
     assert (out.double() - ref(mask2)).norm() / ref(mask2).norm() < 1e-5
+
+
+def _jagged(lens, h, d, dtype=torch.float32):
+    seqs = [torch.randn(n, h, d, device=DEVICE).to(dtype) for n in lens]
+    return torch.nested.nested_tensor(seqs, layout=torch.jagged, requires_grad=True).transpose(1, 2)
+
+
+@pytest.mark.parametrize("hq,hk,causal", [(2, 2, False), (4, 2, False), (2, 2, True)], ids=["mha", "gqa", "causal"])
+def test_sdpa_nested_jagged_runs_fused(hq, hk, causal):
+    """Jagged nested (B, H, j, E) inputs run on the varlen kernels (no fallback warning) and equal torch per
+    sequence (and torch's own nested SDPA where it has a kernel: no causal, no GQA)."""
+    import warnings
+
+    torch.manual_seed(0)
+    q = _jagged([3, 17, 1], hq, 16)
+    k = _jagged([5, 9, 40] if not causal else [3, 17, 1], hk, 16)
+    v = _jagged([5, 9, 40] if not causal else [3, 17, 1], hk, 24)
+    if causal:
+        k = torch.nested.nested_tensor_from_jagged(k.values().transpose(0, 1), q.offsets()).transpose(1, 2)
+        v = torch.nested.nested_tensor_from_jagged(v.values().transpose(0, 1), q.offsets()).transpose(1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = tileattn.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hq != hk)
+    assert out.is_nested and out.shape[:2] == q.shape[:2] and out.shape[3] == 24
+    do = torch.randn_like(out.values())
+    grads = torch.autograd.grad(out.values(), (q, k, v), do)
+    parts = [F.scaled_dot_product_attention(a[None], b[None], c[None], is_causal=causal, enable_gqa=hq != hk)[0]
+             for a, b, c in zip(q.unbind(), k.unbind(), v.unbind())]
+    ref_vals = torch.cat([p.transpose(0, 1) for p in parts]).transpose(0, 1)
+    ref_grads = torch.autograd.grad(ref_vals, (q, k, v), do)
+    if not causal and hq == hk:  # torch's own nested SDPA agrees
+        torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v).values(), ref_vals, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.values(), ref_vals, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.values(), b.values(), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_nested_errors():
+    q = _jagged([3, 5], 2, 16)
+    k = _jagged([4, 5], 2, 16)
+    with pytest.raises(ValueError, match="equal lengths"):
+        tileattn.scaled_dot_product_attention(q, k, k, is_causal=True)
+    with pytest.raises(ValueError, match="head counts"):
+        tileattn.scaled_dot_product_attention(_jagged([3, 5], 4, 16), k, k)
