@@ -27,6 +27,7 @@ RESULTS_DIR = os.path.join(REPO, "bench", "results")
 SOFTMAX_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 SPARSE_LENGTHS = [8192, 16384, 32768]
 LIGHTNING_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+LIGHTNING_BH = ((1, 16, 1 << 17), (8, 32, 32768))  # (B, H, longest N) of the lightning sweep
 DENSITIES = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
 WINDOWS = [256, 1024, 4096]
 QUICK = {"softmax": [1024, 4096, 16384], "sparse": [8192], "lightning": [1024, 8192, 32768],
@@ -144,8 +145,10 @@ def _lightning_cases(args, dtypes, modes, quick) -> List:
 
     lengths = parse_lengths(args.lengths) if args.lengths else (QUICK["lightning"] if quick else LIGHTNING_LENGTHS)
     D = 128
-    H = HIDDEN // D
-    return [Case("lightning", 1, H, N, D, dt, True, mode) for dt in dtypes for mode in modes for N in lengths]
+    # B x H: few programs (1 x 16, where the chunk-parallel kernels matter most) and a training-size batch
+    # (8 x 32, fla's published setting: N up to 32k, where q / k / v / o and the chunk states fit an H100)
+    return [Case("lightning", B, H, N, D, dt, True, mode) for B, H, nmax in LIGHTNING_BH for dt in dtypes
+            for mode in modes for N in lengths if N <= nmax]
 
 
 def _varlen_cases(args, dtypes, modes, quick) -> List:

@@ -153,9 +153,9 @@ def plot_lightning(rows: Sequence[dict], out: str) -> List[str]:
     rows = [r for r in _ok(rows) if r["sweep"] == "lightning"]
     files = []
     groups = defaultdict(list)
-    for r in rows:
-        groups[r["dtype"]].append(r)
-    for dtype, grp in sorted(groups.items()):
+    for r in rows:  # one figure per dtype and B x H shape
+        groups[(r["dtype"], r["B"], r["H"])].append(r)
+    for (dtype, B, H), grp in sorted(groups.items()):
         modes = [m for m in ("fwd", "bwd", "fwdbwd") if any(r["mode"] == m for r in grp)]
         fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.4), squeeze=False)
         for ax, mode in zip(axes.flat, modes):
@@ -179,7 +179,8 @@ def plot_lightning(rows: Sequence[dict], out: str) -> List[str]:
             ax.legend(fontsize=7)
         _footer(fig, grp, LINEAR_RULE + "; softmax baselines: " + SOFTMAX_RULE)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
-        path = os.path.join(out, f"lightning_time_vs_length_{dtype}.png")
+        shape = "" if (B, H) == (1, 16) else f"_b{B}h{H}"  # the historical name for the 1 x 16 sweep
+        path = os.path.join(out, f"lightning_time_vs_length_{dtype}{shape}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(path)

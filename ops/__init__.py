@@ -11,6 +11,7 @@ from tileattn.block_mask import BlockMask, create_block_mask
 from tileattn.sdpa import scaled_dot_product_attention
 from tileattn.weights import attention_weights
 from tileattn import nn
-from tileattn.lightning import LightningAttention, lightning_attention, lightning_decay_rates, lightning_decode
+from tileattn.lightning import (LightningAttention, fla_lightning_decay_rates, lightning_attention, lightning_decay_rates,
+                                lightning_decode)
 
-__all__ = ["lightning_attention", "lightning_decode", "lightning_decay_rates", "LightningAttention", "scaled_dot_product_attention", "attention_weights", "nn", "__version__", "reference", "attention", "attention_varlen", "ScoreMod", "dropout_mask", "attention_with_kvcache", "masks", "BlockMask", "create_block_mask"]
+__all__ = ["lightning_attention", "lightning_decode", "lightning_decay_rates", "fla_lightning_decay_rates", "LightningAttention", "scaled_dot_product_attention", "attention_weights", "nn", "__version__", "reference", "attention", "attention_varlen", "ScoreMod", "dropout_mask", "attention_with_kvcache", "masks", "BlockMask", "create_block_mask"]

@@ -97,8 +97,9 @@ def _mma_flops(op: str) -> Optional[tuple]:
     return None
 
 
-def loops(instrs: List[dict]) -> List[tuple]:
-    """(first, last) instruction index of every innermost loop whose body holds an MMA, in address order."""
+def loops(instrs: List[dict], require_mma: bool = True) -> List[tuple]:
+    """(first, last) instruction index of every innermost loop whose body holds an MMA (any loop with
+    ``require_mma=False``), in address order."""
     index = {ins["addr"]: i for i, ins in enumerate(instrs)}
     spans = []
     for i, ins in enumerate(instrs):
@@ -109,7 +110,7 @@ def loops(instrs: List[dict]) -> List[tuple]:
             target = int(m.group(1), 16)
             if target < ins["addr"] and target in index:
                 j = index[target]
-                if any(category(x["op"]) == "mma" for x in instrs[j:i + 1]):
+                if not require_mma or any(category(x["op"]) == "mma" for x in instrs[j:i + 1]):
                     spans.append((j, i))
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     return sorted(set(inner))

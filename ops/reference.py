@@ -18,6 +18,7 @@ __all__ = [
     "attention_kvcache_ref",
     "linear_attention_quadratic_ref",
     "linear_attention_recurrent_ref",
+    "lightning_varlen_ref",
 ]
 
 
@@ -214,10 +215,14 @@ def attention_kvcache_ref(
     return torch.stack(outs), torch.stack(lses)
 
 
-def _decay_rates(decay: Optional[torch.Tensor], h: int, device, dtype) -> torch.Tensor:
-    if decay is None:
-        return torch.zeros(h, device=device, dtype=dtype)
-    return decay.to(device=device, dtype=dtype).reshape(h)
+def _log_decays(decay: Optional[torch.Tensor], g: Optional[torch.Tensor], b: int, h: int, n: int,
+                device) -> torch.Tensor:
+    """float64 (B, H, N) log-decays: ``g`` itself, else ``-s_h`` for every token (0 without decay)."""
+    if g is not None:
+        return g.to(device=device, dtype=torch.float64).expand(b, h, n)
+    rates = torch.zeros(h, device=device, dtype=torch.float64) if decay is None else \
+        decay.to(device=device, dtype=torch.float64).reshape(h)
+    return (-rates)[None, :, None].expand(b, h, n)
 
 
 def linear_attention_quadratic_ref(
@@ -226,35 +231,39 @@ def linear_attention_quadratic_ref(
     v: torch.Tensor,
     decay: Optional[torch.Tensor] = None,
     *,
+    g: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     initial_state: Optional[torch.Tensor] = None,
     upcast: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Causal linear attention with per-head decay, quadratic (masked) form.
+    """Causal linear attention with decay, quadratic (masked) form (the "naive" reference).
 
-    q, k: (B, H, N, D), v: (B, H, N, Dv), decay: (H,) rates s_h >= 0 (lambda_h = exp(-s_h)) or None,
-    initial_state: (B, H, D, Dv) or None. Returns ``(out, final_state)`` with
-    ``out = scale * ((Q K^T) * M) V + scale * lambda^(t+1) q_t S_{-1}``, ``M[t, s] = lambda^(t-s)`` for
-    s <= t else 0, and ``final_state = lambda^N S_{-1} + sum_s lambda^(N-1-s) k_s^T v_s``.
-    Computed in float64 when ``upcast`` (default), else in the input dtype with a float32 state.
+    q, k: (B, H, N, D), v: (B, H, N, Dv); the decay is either ``decay``: (H,) rates s_h >= 0 (``g_t = -s_h``)
+    or ``g``: (B, H, N) per-token log-decays <= 0 (fla ``chunk_simple_gla``); neither = no decay.
+    initial_state: (B, H, D, Dv) or None. With ``G_t = sum_{r <= t} g_r`` (float64) returns
+    ``(out, final_state)``: ``out = scale * ((Q K^T) * M) V + scale * exp(G_t) q_t S_{-1}``,
+    ``M[t, s] = exp(G_t - G_s)`` for s <= t else 0, and
+    ``final_state = exp(G_{N-1}) S_{-1} + sum_s exp(G_{N-1} - G_s) k_s^T v_s``.
+    Computed in float64 when ``upcast`` (default), else in the input dtype with a float32 state (the decay
+    factors are computed in float64 and rounded). Differentiable in q, k, v, g and initial_state.
     """
     b, h, n, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     cdt = torch.float64 if upcast else q.dtype
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-    rates = _decay_rates(decay, h, q.device, torch.float64)
-    t = torch.arange(n, device=q.device, dtype=torch.float64)
-    diff = t[:, None] - t[None, :]
-    logm = -rates[:, None, None] * diff.clamp(min=0)  # (H, N, N)
-    m = torch.where(diff >= 0, torch.exp(logm), torch.zeros_like(logm)).to(cdt)
+    G = torch.cumsum(_log_decays(decay, g, b, h, n, q.device), -1)  # (B, H, N) float64
+    diff = G[..., :, None] - G[..., None, :]  # (B, H, N, N)
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    m = torch.where(causal, torch.exp(diff.clamp(max=0)), torch.zeros_like(diff)).to(cdt)
     out = torch.matmul(torch.matmul(q, k.transpose(-1, -2)) * m, v) * scale
-    kdec = k * torch.exp(-rates[:, None] * (n - 1 - t)[None, :]).to(cdt)[None, :, :, None]
+    last = G[..., -1:]  # (B, H, 1)
+    kdec = k * torch.exp((last - G).clamp(max=0)).to(cdt)[..., None]
     state = torch.matmul(kdec.transpose(-1, -2), v)
     if initial_state is not None:
         s0 = initial_state.to(cdt if upcast else torch.float32)
-        qdec = q * torch.exp(-rates[:, None] * (t + 1)[None, :]).to(cdt)[None, :, :, None]
+        qdec = q * torch.exp(G).to(cdt)[..., None]
         out = out + (torch.matmul(qdec.to(s0.dtype), s0) * scale).to(out.dtype)
-        state = state.to(s0.dtype) + torch.exp(-rates * n).to(s0.dtype)[None, :, None, None] * s0
+        state = state.to(s0.dtype) + torch.exp(last).to(s0.dtype)[..., None] * s0
     return out, state.to(torch.float64 if upcast else torch.float32)
 
 
@@ -264,24 +273,42 @@ def linear_attention_recurrent_ref(
     v: torch.Tensor,
     decay: Optional[torch.Tensor] = None,
     *,
+    g: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     initial_state: Optional[torch.Tensor] = None,
     upcast: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Same semantics as :func:`linear_attention_quadratic_ref`, computed token by token:
-    ``S_t = lambda S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t``. Returns ``(out, final_state)``."""
+    ``S_t = exp(g_t) S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t``. Returns ``(out, final_state)``."""
     b, h, n, d = q.shape
     dv = v.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     cdt = torch.float64 if upcast else torch.float32
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-    lam = torch.exp(-_decay_rates(decay, h, q.device, torch.float64)).to(cdt)[None, :, None, None]
+    lam = torch.exp(_log_decays(decay, g, b, h, n, q.device)).to(cdt)  # (B, H, N)
     state = torch.zeros(b, h, d, dv, device=q.device, dtype=cdt)
     if initial_state is not None:
         state = state + initial_state.to(cdt)
     outs = []
     for i in range(n):
-        state = lam * state + k[:, :, i, :, None] * v[:, :, i, None, :]
+        state = lam[:, :, i, None, None] * state + k[:, :, i, :, None] * v[:, :, i, None, :]
         outs.append(torch.einsum("bhd,bhde->bhe", q[:, :, i], state) * scale)
     out = torch.stack(outs, dim=2) if outs else v.new_zeros(b, h, 0, dv)
     return out, state
+
+
+def lightning_varlen_ref(q, k, v, cu_seqlens, decay=None, *, g=None, scale=None, initial_state=None,
+                         upcast=True, ref=None):
+    """Packed sequences: q, k (1, H, T, D), v (1, H, T, Dv), g (1, H, T), cu_seqlens (nseq + 1,) and
+    initial_state (nseq, H, D, Dv): each sequence through ``ref`` (default the recurrent reference) with
+    its own state. Returns ``(out (1, H, T, Dv), final_states (nseq, H, D, Dv))``."""
+    ref = ref or linear_attention_recurrent_ref
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    outs, states = [], []
+    for n, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        h0 = None if initial_state is None else initial_state[n:n + 1]
+        o, st = ref(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], decay, g=None if g is None else g[:, :, a:e],
+                    scale=scale, initial_state=h0, upcast=upcast)
+        outs.append(o)
+        states.append(st)
+    return torch.cat(outs, dim=2), torch.cat(states, dim=0)

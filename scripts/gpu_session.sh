@@ -14,7 +14,7 @@
 #                    TILEATTN_TEST_TIMEOUT (default 240 s); OUT/tests-gpu.log, tests-rest.log, summary.txt
 #   bench-softmax    softmax fwd/bwd, bf16, D 64/128, causal and not, N 512..16k  -> OUT/bench-softmax/
 #   bench-sparse     block-sparse densities + windows at N 8k/16k, dense baselines -> OUT/bench-sparse/
-#   bench-lightning  lightning fwd/bwd N 1k..64k vs causal softmax (+ fla)       -> OUT/bench-lightning/
+#   bench-lightning  lightning fwd/bwd/fwd+bwd, B·H 1x16 (N 1k..64k) and 8x32 (N 1k..32k) vs fla, softmax -> OUT/bench-lightning/
 #   bench-varlen     packed mixed-length documents (16k tokens) vs padded and Flex -> OUT/bench-varlen/
 #   bench-decode     one query over a KV cache, B 1/8/64, cache 1k..128k: K/V GB/s as a fraction of a
 #                    device copy, paged + contiguous vs SDPA and Flex            -> OUT/bench-decode/
@@ -113,7 +113,7 @@ stage_bench-sparse() {
 }
 
 stage_bench-lightning() {
-  bench bench-lightning --ops lightning --lengths 1k,2k,4k,8k,16k,32k,64k \
+  bench bench-lightning --ops lightning --lengths 1k,2k,4k,8k,16k,32k,64k --modes fwd,bwd,fwdbwd \
       --providers tileattn-lightning,fla-simple-gla,lightning-attn,tileattn,sdpa-flash
 }
 

@@ -90,14 +90,16 @@ def band_visible(nq, nk, causal, window):
     return ok
 
 
-def lightning_ref(q, k, v, rates, scale, h0):
-    """README recurrence: S_t = exp(-s_h) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t. Returns (out, S_last)."""
+def lightning_ref(q, k, v, rates, scale, h0, g=None):
+    """README recurrence: S_t = lambda_t S_{t-1} + k_t^T v_t, o_t = scale q_t S_t with lambda_t = exp(-s_h)
+    (per-head rates) or exp(g_t) (per-token log-decays, (B, H, N)). Returns (out, S_last)."""
     B, H, N, D = q.shape
     lam = torch.ones(H, dtype=q.dtype) if rates is None else torch.exp(-rates.to(q.dtype))
+    lam = lam[None, :, None].expand(B, H, N) if g is None else torch.exp(g.to(q.dtype))
     S = torch.zeros(B, H, D, v.shape[-1], dtype=q.dtype) if h0 is None else h0.to(q.dtype)
     outs = []
     for t in range(N):
-        S = lam[None, :, None, None] * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+        S = lam[:, :, t, None, None] * S + k[:, :, t, :, None] * v[:, :, t, None, :]
         outs.append(scale * torch.einsum("bhd,bhde->bhe", q[:, :, t], S))
     return torch.stack(outs, dim=2), S
 
@@ -275,9 +277,10 @@ def run_lightning(rng: random.Random, desc: list, decode: bool = False):
 
     B, H, N = rng.randint(1, 2), rng.randint(1, 3), 1 if decode else rng.randint(1, 40)
     D, Dv, dtype = rng.randint(1, 40), rng.randint(1, 40), _dtype(rng)
-    rates = rng.choice((None, "zero", "rand", "large"))
-    decay = None if rates is None else {"zero": torch.zeros(H), "rand": torch.rand(H) * 0.5,
-                                        "large": torch.rand(H) * 20}[rates]
+    rates = rng.choice((None, "zero", "rand", "large", "per-token"))
+    decay = None if rates in (None, "per-token") else {"zero": torch.zeros(H), "rand": torch.rand(H) * 0.5,
+                                                       "large": torch.rand(H) * 20}[rates]
+    g = -torch.rand(B, H, N) * rng.choice((0.1, 1.0, 20.0)) if rates == "per-token" else None
     scale = rng.choice((None, 1.0))
     with_state = decode or rng.random() < 0.5
     grads = not decode or rng.random() < 0.5
@@ -286,12 +289,14 @@ def run_lightning(rng: random.Random, desc: list, decode: bool = False):
     q, k, v = (_tensor(rng, (B, H, N, d), dtype, 0.5).requires_grad_(grads) for d in (D, D, Dv))
     h0 = _tensor(rng, (B, H, D, Dv), torch.float32).contiguous().requires_grad_(grads) if with_state else None
     dec = None if decay is None else decay.to(DEVICE)
+    gd = None if g is None else g.to(DEVICE)
     if decode:
-        out, st = tileattn.lightning_decode(q, k, v, h0, dec, scale=scale)
+        out, st = tileattn.lightning_decode(q, k, v, h0, dec, g=gd, scale=scale)
     else:
-        out, st = tileattn.lightning_attention(q, k, v, dec, scale=scale, initial_state=h0, output_final_state=True)
+        out, st = tileattn.lightning_attention(q, k, v, dec, g=gd, scale=scale, initial_state=h0,
+                                               output_final_state=True)
     sc = scale if scale is not None else 1 / math.sqrt(D)
-    _compare("lightning", (out, st), lambda q, k, v, h: lightning_ref(q, k, v, decay, sc, h), (q, k, v, h0), dtype,
+    _compare("lightning", (out, st), lambda q, k, v, h: lightning_ref(q, k, v, decay, sc, h, g), (q, k, v, h0), dtype,
              grads=grads)
 
 

@@ -92,6 +92,10 @@ def test_plan_and_options():
     assert {c.mask for c in sparse} >= {"random:0.1", "random:0.5", "window:1024"}
     light = {(p, c.op, c.causal) for s, p, c in tasks if s == "lightning"}
     assert ("tileattn-lightning", "lightning", True) in light and ("tileattn", "softmax", True) in light
+    # lightning B x H: few programs (1 x 16) and fla's published setting (8 x 32); fla compared on both
+    shapes = {(p, c.B, c.H) for s, p, c in tasks if s == "lightning" and c.op == "lightning"}
+    assert {("tileattn-lightning", 1, 16), ("tileattn-lightning", 8, 32), ("fla-simple-gla", 1, 16),
+            ("fla-simple-gla", 8, 32)} <= shapes
 
 
 def test_readme_table_ratios():

@@ -158,6 +158,36 @@ def test_lightning_state_chaining_and_decode(dtype):
     assert_close("chained + decoded", torch.cat(outs, dim=2), o64, olp, floor=_floor(dtype))
 
 
+@pytest.mark.parametrize("dtype", [BF16, FP16, FP32], ids=["bf16", "fp16", "fp32"])
+def test_lightning_per_token_decay_long(dtype):
+    """Per-token decay (g, with dg) at N = 4k, D = 128, against the float64 quadratic form."""
+    H, N, D = 2, 4096, 128
+    q, k, v = (randn(1, H, N, D, dtype=dtype, requires_grad=True) for _ in range(3))
+    h0 = (0.5 * torch.randn(1, H, D, D, device=DEVICE)).requires_grad_()
+    g = (-0.05 * torch.rand(1, H, N, device=DEVICE)).requires_grad_()
+    check_against_reference(q, k, v, h0, None, g=g)
+
+
+def test_lightning_packed_sequences_long():
+    """cu_seqlens with lengths off the chunk grid (and an empty one) == per-sequence calls, bf16 D = 128."""
+    H, D = 4, 128
+    lens = [3000, 0, 1, 4097, 2500]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    T = int(cu[-1])
+    q, k, v = (randn(1, H, T, D, dtype=BF16) for _ in range(3))
+    g = -0.05 * torch.rand(1, H, T, device=DEVICE)
+    h0 = torch.randn(len(lens), H, D, D, device=DEVICE)
+    out, ht = tileattn.lightning_attention(q, k, v, g=g, initial_state=h0, cu_seqlens=cu, output_final_state=True)
+    for n, (a, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if a == e:
+            assert torch.equal(ht[n], h0[n])
+            continue
+        o, s = tileattn.lightning_attention(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], g=g[:, :, a:e],
+                                            initial_state=h0[n:n + 1], output_final_state=True)
+        o_p = out[:, :, a:e].float()
+        assert (o.float() - o_p).norm() <= 1e-2 * o_p.norm() and (s - ht[n:n + 1]).norm() <= 1e-4 * s.norm()
+
+
 # ------------------------------------------------------------------------------------------------ weights
 @pytest.mark.parametrize("dtype", [BF16, FP16, FP32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("flags", [{"causal": True}, {"window": (256, 256)}], ids=["causal", "window"])

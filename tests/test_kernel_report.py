@@ -180,3 +180,58 @@ def test_sass_report_sm90_d128():
     assert abs(dense["instructions"] - causal["instructions"]) <= 0.03 * dense["instructions"]
     for k in ("dq-causal", "dkdv-causal"):
         assert rows[k]["loops"][0]["issue_over_mma"] <= 0.75, (k, rows[k]["loops"][0])
+
+
+_SCAN_STUDY = r"""
+import collections, json, sys, tempfile, warnings
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tileattn import _aot, _sass
+from tileattn.kernels import lightning as kl
+
+out = {}
+for spec in kl.aot_specs():
+    if spec.name not in sys.argv[1:]:
+        continue
+    fn = spec.fn
+    sig = {a: spec.signature.get(a, "constexpr") for a in fn.arg_names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        k = triton.compile(ASTSource(fn, sig, dict(spec.constexprs)), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        ins = _sass.parse(_aot._sass(k.asm["cubin"], tmp) or "")
+    out[spec.name] = {"n": len(ins), "mma": sum(_sass.category(x["op"]) == "mma" for x in ins),
+                      "loops": [collections.Counter(_sass.category(x["op"]) for x in ins[a:b + 1])
+                                for a, b in _sass.loops(ins, require_mma=False)]}
+print(json.dumps(out))
+"""
+
+
+def test_lightning_scan_loop_is_state_combine_only():
+    """Issue 15's static evidence (sm_90 SASS, bf16 D = Dv = 128): the sequential scan's loop body is the state
+    combine only -- global loads and stores, FP32 multiply-adds, one EX2 for the chunk decay -- with no
+    tensor-core MMA, shared memory or barrier; the parallel kernels (phases 1 and 3) hold the MMAs and have
+    no loop over chunks at all."""
+    # the scans and phase 1 compile to one binary for D, Dv in 64..128 (listed once, under d64)
+    names = [f"lightning_{k}_bfloat16_d64_dv64_bt64" for k in ("scan", "scan_rev", "state")]
+    names += [f"lightning_{k}_bfloat16_d128_dv128_bt64" for k in ("out", "dq")]
+    res = subprocess.run([sys.executable, "-c", _SCAN_STUDY, *names], env=_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(res.stdout)
+    assert set(doc) == set(names)
+    for name in names[:2]:
+        scan = doc[name]
+        print(name, scan)
+        assert scan["mma"] == 0 and scan["loops"], scan
+        for body in scan["loops"]:
+            assert body["ldg"] >= 1 and body["stg"] >= 1 and body["fp32"] >= 1, body
+            assert body.get("mufu_ex2", 0) <= 2, body
+            for absent in ("mma", "lds", "sts", "barrier", "tma", "ldgsts", "mufu_other"):
+                assert body.get(absent, 0) == 0, (absent, body)
+            assert sum(body.values()) < 120, body  # a short body: the combine of the slice's elements
+    for name in names[2:]:
+        print(name, doc[name])
+        assert doc[name]["mma"] > 0 and not doc[name]["loops"], (name, doc[name]["loops"])

@@ -368,3 +368,18 @@ def test_concurrent_gpu_launches_from_threads():
     assert not errors, errors
     for i, out in results.values():
         assert torch.equal(out, expected[i])
+
+
+def test_per_token_decay_device_side_guard_gives_nan_not_garbage(monkeypatch):
+    """As above for a per-token log-decay g: an invalid value (here positive, where the CPU check is skipped)
+    makes its head's outputs NaN from that token on, in the chunked op and in the decode step."""
+    import tileattn.lightning as L
+
+    monkeypatch.setattr(L, "_can_sync", lambda: False)
+    q, k, v = (randn(1, 2, 40, 16, dtype=torch.float32) for _ in range(3))
+    g = -torch.rand(1, 2, 40, device=DEVICE)
+    g[0, 0, 5] = 3.0
+    out = tileattn.lightning_attention(q, k, v, g=g)
+    assert torch.isnan(out[:, 0, 5:]).all() and torch.isfinite(out[:, 0, :5]).all() and torch.isfinite(out[:, 1]).all()
+    o1, _ = tileattn.lightning_decode(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, g=g[:, :, 5:6])
+    assert torch.isnan(o1[:, 0]).all() and torch.isfinite(o1[:, 1]).all()
