@@ -37,7 +37,10 @@ def _check_int_tensor(name: str, x, ndim: int, shape0: int, device) -> None:
 
 def _value_checks_enabled(q: torch.Tensor) -> bool:
     """Checks that read cache_seqlens / block_table values: free on CPU; on CUDA they would sync (and break
-    CUDA-graph capture), so they run there only with TILEATTN_KVCACHE_CHECKS=1."""
+    CUDA-graph capture), so they run there only with TILEATTN_KVCACHE_CHECKS=1; never while torch.compile
+    traces (they read values)."""
+    if torch.compiler.is_compiling():
+        return False
     return q.device.type != "cuda" or os.environ.get("TILEATTN_KVCACHE_CHECKS", "0") == "1"
 
 
@@ -183,11 +186,29 @@ def attention_with_kvcache(
                                          causal=False, scale=scale)
         out, lse = out.to(q.dtype), lse.float()
     else:
-        if n_new:
-            kv_append(k, k_cache, cache_seqlens, block_table)
-            kv_append(v, v_cache, cache_seqlens, block_table)
-        kc, vc = (k_cache, v_cache) if block_table is None else (k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3))
-        G = q.shape[1] // kc.shape[1]
-        out, lse = attention_forward(q, kc, vc, scale=scale, left=left, right=right, num_splits=num_splits,
-                                     kvcache=(cache_seqlens, n_new, block_table, G > 1))
+        out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, block_table, scale, left, right, num_splits)
     return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("tileattn::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
+def _kvcache_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    k: Optional[torch.Tensor], v: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
+    scale: float, left: int, right: int, num_splits: Optional[int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The append (mutating the caches) and the decode kernels, as one custom op: torch.compile sees the
+    in-place writes and traces a decode step without a graph break."""
+    n_new = 0 if k is None else k.shape[2]
+    if n_new:
+        kv_append(k, k_cache, cache_seqlens, block_table)
+        kv_append(v, v_cache, cache_seqlens, block_table)
+    kc, vc = (k_cache, v_cache) if block_table is None else (k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3))
+    G = q.shape[1] // kc.shape[1]
+    return attention_forward(q, kc, vc, scale=scale, left=left, right=right, num_splits=num_splits,
+                             kvcache=(cache_seqlens, n_new, block_table, G > 1))
+
+
+@_kvcache_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k, v, block_table, scale, left, right, num_splits):
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty(B, Hq, Nq, v_cache.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)

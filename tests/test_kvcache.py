@@ -163,3 +163,19 @@ def test_kvcache_cuda_graph_capture():
         torch.cuda.synchronize()
         ref = attention_kvcache_ref(q, kc, vc, cl + 1, block_table=table)[0]
         assert_close("graph out", out, ref, None, torch.float16, floor=5e-3)
+
+
+def test_kvcache_compile_fullgraph():
+    """A decode step (append + attention) traces with torch.compile(fullgraph=True): the custom op declares
+    its in-place cache writes; compiled and eager give the same output and the same caches."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    kc, vc, table, cl = make_cache(2, 2, 32, 32, [5, 17], 16, 64, torch.float16, gen)
+    q = torch.randn(2, 4, 1, 32, generator=gen).to(DEVICE, torch.float16)
+    k = torch.randn(2, 2, 1, 32, generator=gen).to(DEVICE, torch.float16)
+    step = lambda q, kc, vc, k: tileattn.attention_with_kvcache(q, kc, vc, cl, k, k, block_table=table)
+    kc2, vc2 = kc.clone(), vc.clone()
+    out_e = step(q, kc, vc, k)
+    out_c = torch.compile(step, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")(q, kc2, vc2, k)
+    assert torch.equal(out_e, out_c) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    torch._dynamo.reset()
