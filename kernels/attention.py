@@ -594,7 +594,10 @@ def _attn_fwd(
         Nk = tl.minimum(tl.minimum(tl.maximum(tl.load(SEQLENS + i_b), 0), Nk) + n_new, Nk)
         TBL += i_b64 * s_tb
     if NEG_SCALE:  # the scale's sign goes into q: interior steps need qk_scale >= 0 (max(s) * qk_scale)
-        b_q = -b_q
+        if DOT_F32:  # interpreter with bf16: its bf16 negation is wrong; negate in fp32 (exact) instead
+            b_q = (0.0 - b_q.to(tl.float32)).to(b_q.dtype)
+        else:
+            b_q = -b_q
     xa = _mod_args(i_b, i_h, SLOPES, sl_b, sl_h, softcap, MOD_T0, MOD_T1, RNG, p_drop, rp, MOD, DROPOUT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

@@ -78,6 +78,12 @@ def test_negative_scale(monkeypatch, tma):
     run_case(1, 2, 1, 70, 45, 32, 32, torch.float32, causal=True, scale=-0.4)
 
 
+def test_negative_scale_bf16():
+    """bf16 with a negative scale (the interpreter's bf16 negation is wrong: the kernel negates in fp32
+    there)."""
+    run_case(1, 2, 2, 40, 40, 32, 32, torch.bfloat16, causal=True, scale=-0.3)
+
+
 @pytest.mark.parametrize("kernel,table", [("_attn_fwd", "FWD_CONFIGS"), ("_attn_bwd_dq", "DQ_CONFIGS"),
                                           ("_attn_bwd_dkdv", "DKDV_CONFIGS")])
 @pytest.mark.parametrize("bs", [16, 32, 64, 128])
