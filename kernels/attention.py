@@ -367,9 +367,9 @@ def _score_mod(s2, i_q, i_k, Nq, Nk, xa, MOD: tl.constexpr):
             s = FN(s, i_b, i_h, i_q, i_k, T0, T1)
     if MOD[4]:  # ALiBi (FlashAttention's bottom-right aligned distance)
         s = s - slope * tl.abs(i_q + (Nk - Nq) - i_k).to(tl.float32)
-    if MOD[3]:  # soft-cap (Gemma-2: after the other mods, before the masks)
+    if MOD[3]:  # soft-cap (Gemma-2: after the other mods, before the masks); a -inf (masked) score stays -inf
         t = _tanh(s / softcap)
-        s = softcap * t
+        s = tl.where(s == float("-inf"), s, softcap * t)
         g = g * (1.0 - t * t)
     return s * 1.4426950408889634, g
 
@@ -405,8 +405,8 @@ def _dropout_mask_kernel(
     WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The keep mask the attention kernels use (and-ed with causal / window visibility), as uint8."""
-    i_m, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
+    n_n = tl.cdiv(Nk, BLOCK_N)  # grid (query x key tiles, head, batch): each axis within CUDA's limits
+    i_m, i_n, i_h, i_b = tl.program_id(0) // n_n, tl.program_id(0) % n_n, tl.program_id(1), tl.program_id(2)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     xa = _mod_args(i_b, i_h, RNG, 0, 0, 0.0, RNG, RNG, RNG, p_drop, 1.0, None, True)
@@ -1156,6 +1156,8 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
                 TMA=table is None and _tma_ok((k, v), _call_family(q, bias_mode)), VARLEN=varlen is not None,
                 KVCACHE=kvcache is not None, PAGE=page, PACK_GQA=bool(pack))
     meta.update(_mod_meta(q, softcap, alibi, score_mod, dropout_p, rng))
+    if _modded(meta) and (varlen is not None or kvcache is not None):  # their b / h are not the mods' b / h
+        raise ValueError("score mods and dropout are not supported with packed sequences or KV caches")
     if _modded(meta):
         meta["TMA"] = False
     n_q = (lambda bm: triton.cdiv(rows, bm)) if slots is None else (lambda bm: slots(Nq, bm))
@@ -1195,6 +1197,8 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, left: int = -1, r
                 BIAS=bias_mode, BSQ=bsq, BSK=bsk, DOT_F32=dot_f32, PREC=prec,
                 TMA=_tma_ok((q, k, v, do), _call_family(q, bias_mode)), VARLEN=varlen is not None)
     meta.update(_mod_meta(q, softcap, alibi, score_mod, dropout_p, rng))
+    if _modded(meta) and varlen is not None:  # their b / h are not the mods' b / h
+        raise ValueError("score mods and dropout are not supported with packed sequences or KV caches")
     if _modded(meta):
         meta["TMA"] = False
     tiles = (lambda n, bt: triton.cdiv(n, bt)) if slots is None else slots
@@ -1224,7 +1228,7 @@ def dropout_keep_mask(rng: torch.Tensor, B: int, H: int, Nq: int, Nk: int, *, dr
     out = torch.empty(B, H, Nq, Nk, dtype=torch.uint8, device=rng.device)
     left_, right_, windowed = _window_args(left, right, Nq, Nk)
     bm, bn = (32, 32) if interpreter_enabled() else (64, 64)
-    _dropout_mask_kernel[(triton.cdiv(Nq, bm), triton.cdiv(Nk, bn), B * H)](
+    _dropout_mask_kernel[(triton.cdiv(Nq, bm) * triton.cdiv(Nk, bn), H, B)](
         out, rng, B, H, Nq, Nk, left_, right_, float(dropout_p), out.stride(0), out.stride(1), out.stride(2),
         WINDOWED=windowed, BLOCK_M=bm, BLOCK_N=bn)
     return out.view(torch.bool)

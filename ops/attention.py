@@ -58,6 +58,7 @@ class ScoreMod:
                 raise ValueError(f"ScoreMod {name} takes {n} arguments; expected 5 + {len(tensors)} "
                                  "(s, b, h, q_idx, kv_idx, *tensors)")
         self.fn, self.grad_fn, self.tensors = fn, grad_fn, tuple(t.detach() for t in tensors)
+        self._id = _register_mod(fn, grad_fn)  # at construction: torch.compile never sees the registry change
 
     def __repr__(self) -> str:
         name = getattr(self.fn, "__name__", None) or self.fn.fn.__name__
@@ -70,14 +71,16 @@ _MOD_IDS: Dict[tuple, int] = {}
 _MODS: List[tuple] = []
 
 
-def _mod_id(score_mod: Optional[ScoreMod]) -> int:
-    if score_mod is None:
-        return -1
-    key = (score_mod.fn, score_mod.grad_fn)
+def _register_mod(fn, grad_fn) -> int:
+    key = (fn, grad_fn)
     if key not in _MOD_IDS:
         _MOD_IDS[key] = len(_MODS)
         _MODS.append(key)
     return _MOD_IDS[key]
+
+
+def _mod_id(score_mod: Optional[ScoreMod]) -> int:
+    return -1 if score_mod is None else score_mod._id
 
 
 def _mod_from_id(mod_id: int, tensors: List[torch.Tensor]):
@@ -195,13 +198,19 @@ def _check_bias(bias: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor) 
     return bias
 
 
-def _reference_path(q, k, v, window, block_mask, bias, scale, softcap=None, alibi=None):
-    """Differentiable float64 PyTorch path (CPU tensors without the Triton interpreter)."""
+def _reference_path(q, k, v, window, block_mask, bias, scale, softcap=None, alibi=None, dropout_p=0.0,
+                    generator=None):
+    """Differentiable float64 PyTorch path (CPU tensors without the Triton interpreter). Dropout draws its
+    keep mask with ``torch.rand`` from ``generator`` (not the kernels' Philox stream)."""
     mask = None if block_mask is None else block_mask.to_dense().to(q.device)
     if bias is not None and bias.dtype == torch.bool:
         mask, bias = (bias if mask is None else mask & bias), None
+    keep = None
+    if dropout_p > 0.0:
+        B, Hq, Nq, _ = q.shape
+        keep = torch.rand(B, Hq, Nq, k.shape[2], generator=generator, device=q.device) >= dropout_p
     out, lse = attention_ref(q, k, v, window=window, mask=mask, bias=bias, scale=scale, upcast=True,
-                             softcap=softcap, alibi_slopes=alibi)
+                             softcap=softcap, alibi_slopes=alibi, dropout_mask=keep, dropout_p=dropout_p)
     return out.to(q.dtype), lse.float()
 
 
@@ -342,11 +351,11 @@ def _attention(
         block_mask = _prepare_block_mask(block_mask, q, k, left, right)
         left, right = -1, -1  # folded into the block mask
     if not use_triton(q, "attention"):
-        if score_mod is not None or dropout_p > 0.0:
-            raise ValueError("score_mod and dropout_p > 0 run Triton kernels only: pass CUDA tensors or set "
-                             "TRITON_INTERPRET=1 (the CPU reference path has neither)")
+        if score_mod is not None:
+            raise ValueError("score_mod runs Triton kernels only: pass CUDA tensors or set TRITON_INTERPRET=1 "
+                             "(the CPU reference path cannot evaluate a @triton.jit function)")
         win = None if (left, right) == (-1, -1) else (left, right)
-        out, lse = _reference_path(q, k, v, win, block_mask, bias, scale, softcap, alibi_slopes)
+        out, lse = _reference_path(q, k, v, win, block_mask, bias, scale, softcap, alibi_slopes, dropout_p, generator)
     else:
         sparse = _sparse_tensors(block_mask) if block_mask is not None else []
         rng = _philox_seed_offset(generator, q.device) if dropout_p > 0.0 else None

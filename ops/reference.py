@@ -112,8 +112,8 @@ def attention_ref(
         sl = sl.reshape(1, hq, 1, 1) if sl.dim() == 1 else sl.reshape(-1, hq, 1, 1)
         dist = (torch.arange(nq, device=q.device)[:, None] + (nk - nq) - torch.arange(nk, device=q.device)[None, :])
         s = s - sl * dist.abs().to(s.dtype)
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
+    if softcap is not None:  # a -inf score (masked by score_mod) stays -inf
+        s = torch.where(s == float("-inf"), s, softcap * torch.tanh(s / softcap))
     if bias is not None:
         s = s + bias.to(device=s.device, dtype=s.dtype)
     ok = visible_mask(nq, nk, causal=causal, window=window, device=q.device)

@@ -7,6 +7,8 @@ shared CPU; on a GPU the default inductor backend is used.
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import tileattn
 import tileattn.nn as tnn
@@ -143,6 +145,29 @@ def test_compile_score_mod():
 
     o1, g1, do = fwd_bwd(fn, (q, k, v))
     o2, g2, _ = fwd_bwd(compiled(fn), (q, k, v), do)
+    same("out", o2, o1)
+    for a, b in zip(g2, g1):
+        same("grad", a, b)
+
+
+@triton.jit
+def _shift(s, b, h, q_idx, kv_idx):
+    return s - 0.25 * (kv_idx % 3).to(tl.float32)
+
+
+@triton.jit
+def _shift_grad(s, b, h, q_idx, kv_idx):
+    return s * 0.0 + 1.0
+
+
+def test_compile_fresh_score_mod():
+    """A ScoreMod whose first call is compiled (never run eagerly): its registry id is assigned when the
+    ScoreMod is built, so the traced custom op finds it."""
+    q, k, v = (randn(1, 2, 9, 16, dtype=torch.float32, requires_grad=True) for _ in range(3))
+    sm = tileattn.ScoreMod(_shift, _shift_grad)
+    fn = lambda q, k, v: tileattn.attention(q, k, v, score_mod=sm)
+    o2, g2, do = fwd_bwd(compiled(fn), (q, k, v))
+    o1, g1, _ = fwd_bwd(fn, (q, k, v), do)
     same("out", o2, o1)
     for a, b in zip(g2, g1):
         same("grad", a, b)

@@ -324,3 +324,31 @@ def test_mod_and_dropout_variants_compile_for_sm90():
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     for r in rows:
         assert r["error"] is None and len(r["loops"]) == 2, r
+
+
+@triton.jit
+def _mask_row3(s, b, h, q_idx, kv_idx):
+    return tl.where(q_idx == 3, float("-inf"), s)
+
+
+@triton.jit
+def _mask_row3_grad(s, b, h, q_idx, kv_idx):
+    return tl.where(q_idx == 3, float("nan"), s * 0.0 + 1.0)  # undefined where masked: must not leak
+
+
+def test_softcap_keeps_a_mods_minus_inf():
+    """A score the user mod masks (-inf) stays masked through the soft-cap: a fully masked row gives out 0,
+    lse -inf and zero, NaN-free gradients (even with a grad_fn that is NaN there)."""
+    q, k, v = (randn(1, 2, 9, 16, dtype=torch.float32, requires_grad=True) for _ in range(3))
+    out, lse = tileattn.attention(q, k, v, softcap=2.0, score_mod=tileattn.ScoreMod(_mask_row3, _mask_row3_grad),
+                                  return_lse=True)
+    assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3])) and torch.isinf(lse[:, :, 3]).all()
+    mod = lambda s, b, h, i, j: s.masked_fill(i == 3, float("-inf"))
+    ref, ref_lse = attention_ref(q, k, v, softcap=2.0, score_mod=mod, upcast=True)
+    assert_close("out", out, ref, None, torch.float32)
+    do = torch.randn_like(out)
+    g = torch.autograd.grad(out, (q, k, v), do)
+    g_ref = torch.autograd.grad(ref, (q, k, v), do.double())
+    for a, b in zip(g, g_ref):
+        assert torch.isfinite(a).all()
+        assert_close("grad", a, b, None, torch.float32)

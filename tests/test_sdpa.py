@@ -279,3 +279,25 @@ def test_sdpa_nested_errors():
         tileattn.scaled_dot_product_attention(q, k, k, is_causal=True)
     with pytest.raises(ValueError, match="head counts"):
         tileattn.scaled_dot_product_attention(_jagged([3, 5], 4, 16), k, k)
+
+
+def test_dropout_on_the_cpu_reference_path():
+    """Without CUDA and without the interpreter, SDPA / MHA dropout run the PyTorch path (its own
+    torch.rand keep mask) instead of raising."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, tileattn\n"
+        "q = torch.randn(1, 2, 8, 16, requires_grad=True)\n"
+        "torch.manual_seed(0); a = tileattn.scaled_dot_product_attention(q, q, q, dropout_p=0.5)\n"
+        "torch.manual_seed(0); b = tileattn.scaled_dot_product_attention(q, q, q, dropout_p=0.5)\n"
+        "assert torch.equal(a, b) and not torch.equal(a, tileattn.scaled_dot_product_attention(q, q, q))\n"
+        "a.sum().backward(); assert torch.isfinite(q.grad).all()\n"
+        "m = tileattn.nn.MultiheadAttention(16, 2, dropout=0.3, batch_first=True).train()\n"
+        "x = torch.randn(2, 5, 16); o, _ = m(x, x, x); assert torch.isfinite(o).all()\n"
+        "print('ok')\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
