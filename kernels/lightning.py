@@ -139,7 +139,7 @@ def _decay_mask(b_b, b_r, BT: tl.constexpr, TRANS: tl.constexpr, CONST_G: tl.con
             e_ij = -b_r * d_ij.to(tl.float32)
         else:
             e_ij = b_b[:, None] - b_b[None, :]
-    return tl.where(d_ij >= 0, tl.exp2(tl.minimum(e_ij, 0.0)), 0.0)
+    return tl.where(d_ij >= 0, tl.exp2(tl.minimum(e_ij, 0.0, propagate_nan=tl.PropagateNan.ALL)), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def _chunk_state_kernel(
     if REVERSE:
         b_w = tl.exp2(b_b) * scale  # [BT]
     else:
-        b_w = tl.exp2(tl.minimum(b_l - b_b, 0.0))  # [BT]
+        b_w = tl.exp2(tl.minimum(b_l - b_b, 0.0, propagate_nan=tl.PropagateNan.ALL))  # [BT]
     b_h = _mm(tl.trans((b_a * b_w[:, None]).to(DT)), b_v, DOT_F32, PREC)  # [BK, BV]
     p_h = hc + (slot * H + i_h).to(tl.int64) * D * DV + o_k[:, None] * DV + o_v[None, :]
     tl.store(p_h, b_h.to(hc.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
@@ -271,7 +271,7 @@ def _chunk_out_kernel(
         b_r = tl.load(s + i_h).to(tl.float32) * 1.4426950408889634
     b_m = _decay_mask(b_b, b_r, BT, TRANS, CONST_G)  # [BT, BT]
     if TRANS:
-        b_w = tl.exp2(tl.minimum(b_l - b_b, 0.0))  # [BT]
+        b_w = tl.exp2(tl.minimum(b_l - b_b, 0.0, propagate_nan=tl.PropagateNan.ALL))  # [BT]
     else:
         b_w = tl.exp2(b_b)  # [BT]
     # intra-chunk: ((A B^T) * M) C
@@ -547,21 +547,23 @@ def lightning_bwd(do: torch.Tensor, dht: Optional[torch.Tensor], q: torch.Tensor
     dhs, dh0 = _states(q, do, g, rates, scale, dht, ch, p, B, H, N, D, DV, True, gl, ("bwd_dstate", "bwd_dscan"))
     dgq = dgk = None
     if g is not None:
-        dgq = alloc(triton.cdiv(D, p.BK), B * H, N, device=q.device, dtype=torch.float32)
-        dgk = alloc(triton.cdiv(D, p.BK), B * H, N, device=q.device, dtype=torch.float32)
+        # zero-filled: rows outside every sequence (only with unchecked, inconsistent cu_seqlens) stay 0
+        dgq = torch.zeros(triton.cdiv(D, p.BK), B * H, N, device=q.device, dtype=torch.float32)
+        dgk = torch.zeros(triton.cdiv(D, p.BK), B * H, N, device=q.device, dtype=torch.float32)
     dq = _out("dq", do, v, k, q, g, rates, scale, hs, ch, p, B, H, N, DV, D, dgq)
     dk = _out("dk", v, do, q, k, g, rates, scale, dhs, ch, p, B, H, N, DV, D, dgk)
     dv = _out("dv", k, q, do, None, g, rates, scale, dhs, ch, p, B, H, N, D, DV)
     dg = None
     if g is not None:
         dG = (dgq.sum(0) + dgk.sum(0)).view(B, H, N)
-        dg = _reverse_cumsum(dG, cu_seqlens)
+        cu = ch.cu if ch.varlen else None  # the sanitised copy the kernels used
+        dg = _reverse_cumsum(dG, cu)
         if dht is not None:  # the final state carries exp(sum of the sequence's g): + sum(dht * S_N)
             fin = (dht * ht).sum((-1, -2), dtype=torch.float64)  # (nseq, H)
             if cu_seqlens is None:
                 dg = dg + fin[:, :, None]
             else:
-                seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64), torch.arange(N, device=q.device),
+                seq = torch.searchsorted(cu[1:].to(torch.int64), torch.arange(N, device=q.device),
                                          right=True).clamp(max=ch.nseq - 1)
                 dg = dg + fin.t()[:, seq][None]
         dg = dg.float()

@@ -19,8 +19,9 @@ the global out / LSE), so every block pair is either skipped, dense, or one bott
 (B * H * D * Dv fp32 per rank, independent of N), a prefix combine with ``lambda^N_local`` and a local
 correction ``scale * lambda^(t+1) q_t P_r`` with the prefix state ``P_r``.
 
-Cost of the argument checks: every call all-gathers a few int64 shape fields (8 per rank) so that a rank with
-a different shard length raises a ValueError on every rank instead of hanging in the ring; on CUDA this is one
+Cost of the argument checks: every call all-gathers a few int64 shape fields and an error flag per rank so
+that a rank with a different shard length, or whose arguments were rejected, makes every rank raise instead of
+hanging in a collective; on CUDA this is one
 tiny collective and a device-to-host copy. Set ``tileattn.distributed.CHECK_SHAPES = False`` (on every rank)
 to skip it once the shapes are known to agree.
 """
@@ -73,18 +74,39 @@ def _check_local_length(layout: str, n_local: int, what: str) -> None:
         raise ValueError(f"{what}: the zigzag layout needs an even local length (two equal chunks), got {n_local}")
 
 
-def _check_same_shapes(group, world: int, what: str, fields: Sequence[int], device: torch.device) -> None:
-    """Raise the same ValueError on every rank when ``fields`` (shape / option integers) differ across ranks.
-    One all-gather of len(fields) int64 per rank (see the module docstring)."""
+def _check_same_shapes(group, world: int, what: str, fields: Sequence[int], device: torch.device,
+                       error: Optional[Exception] = None) -> None:
+    """Raise on every rank when ``fields`` (shape / option integers) differ across ranks, or when some rank's
+    local checks failed (``error``: that rank re-raises its own error, the others a ValueError naming it), so
+    no rank is left waiting in a later collective. One all-gather of len(fields) + 1 int64 per rank (see the
+    module docstring); without it (CHECK_SHAPES off, or a single rank) a local error is raised directly."""
     if not CHECK_SHAPES or world == 1:
+        if error is not None:
+            raise error
         return
-    t = torch.tensor(list(fields), dtype=torch.int64, device=device)
+    vals = [] if error is not None else [int(f) for f in fields]
+    vals += [0] * (_CHECK_FIELDS - len(vals))  # a fixed size: a failed rank may not know its fields
+    t = torch.tensor([int(error is not None)] + vals, dtype=torch.int64, device=device)
     got = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(got, t, group=group)
     rows = [g.tolist() for g in got]
+    if error is not None:
+        raise error
+    failed = [r for r, row in enumerate(rows) if row[0]]
+    if failed:
+        raise ValueError(f"{what}: the inputs of rank(s) {failed} were rejected (see the error raised there)")
+    rows = [row[1:] for row in rows]
     if any(r != rows[0] for r in rows):
         raise ValueError(f"{what}: shard shapes / options differ across ranks (every rank must hold an equally "
-                         f"long shard of the same batch, heads and head dims): per rank {rows}")
+                         f"long shard of the same batch, heads, head dims and dtype): per rank {rows}")
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CHECK_FIELDS = 16  # int64 fields each rank contributes to the argument check
+
+
+def _device_of(x) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
 
 def _norm_dim(x: torch.Tensor, dim: int) -> int:
@@ -490,20 +512,24 @@ def ring_attention(
         all-gather per call, see the module docstring), q / k shards of different lengths, or an odd
         zigzag shard.
     """
-    check_attention_inputs(q, k, v)
-    check_bool("return_lse", return_lse)
-    left, right = check_window(window, causal)
-    scale = check_scale(scale, q.shape[-1])
-    _check_layout(layout)
     world, rank = _group_info(group)
-    n = q.shape[2]
-    if k.shape[2] != n:
-        raise ValueError(f"ring_attention shards q and k/v of one sequence: their local lengths must match, "
-                         f"got {n} and {k.shape[2]}")
-    _check_local_length(layout, n, "ring_attention")
-    _check_same_shapes(group, world, "ring_attention",
-                       (q.shape[0], q.shape[1], k.shape[1], n, q.shape[3], v.shape[3], left, right,
-                        LAYOUTS.index(layout)), q.device)
+    error, fields = None, ()
+    try:  # local checks first; any rank's failure is raised on every rank (no rank left in a collective)
+        check_attention_inputs(q, k, v)
+        check_bool("return_lse", return_lse)
+        left, right = check_window(window, causal)
+        scale = check_scale(scale, q.shape[-1])
+        _check_layout(layout)
+        n = q.shape[2]
+        if k.shape[2] != n:
+            raise ValueError(f"ring_attention shards q and k/v of one sequence: their local lengths must match, "
+                             f"got {n} and {k.shape[2]}")
+        _check_local_length(layout, n, "ring_attention")
+        fields = (q.shape[0], q.shape[1], k.shape[1], n, q.shape[3], v.shape[3], left, right, LAYOUTS.index(layout),
+                  _DTYPES.index(q.dtype))
+    except (ValueError, TypeError) as e:
+        error = e
+    _check_same_shapes(group, world, "ring_attention", fields, _device_of(q), error)
     sched = _schedule(layout, world, rank, n, left, right)
     out, lse = _RingAttention.apply(q, k, v, scale, sched, group, world, rank)
     return (out, lse) if return_lse else out
@@ -558,7 +584,8 @@ def lightning_attention_cp(
     ``P_r = sum_{j<r} lambda^((r-1-j) N_local) S_j`` and adds ``scale * lambda^(t+1) q_t P_r``.
 
     Args:
-        q, k: (B, H, N_local, D) this rank's shard, ``layout="contiguous"`` (rank r holds block r).
+        q, k: (B, H, N_local, D) this rank's shard, ``layout="contiguous"`` (rank r holds block r). Zigzag
+            shards are not supported and cannot be detected: they give wrong results.
         v: (B, H, N_local, Dv).
         decay: (H,) rates as for :func:`tileattn.lightning_attention`, or None (no decay). Same on every rank.
         group: process group (default: the world group).
@@ -577,14 +604,24 @@ def lightning_attention_cp(
     """
     from tileattn.lightning import lightning_attention
 
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x, 4)
-    check_bool("output_final_state", output_final_state)
     world, rank = _group_info(group)
-    B, H, n, D = q.shape
-    _check_same_shapes(group, world, "lightning_attention_cp", (B, H, n, D, k.shape[2], v.shape[-1]), q.device)
-    out, state = lightning_attention(q, k, v, decay, scale=scale, initial_state=initial_state if rank == 0 else None,
-                                     output_final_state=True)  # validates the other arguments
+    error, fields = None, ()
+    try:  # local checks and the local op first; any rank's failure is raised on every rank
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            check_tensor(name, x, 4)
+        check_bool("output_final_state", output_final_state)
+        B, H, n, D = q.shape
+        fields = (B, H, n, D, k.shape[2], v.shape[-1], _DTYPES.index(q.dtype), int(decay is None))
+        out, state = lightning_attention(q, k, v, decay, scale=scale,
+                                         initial_state=initial_state if rank == 0 else None,
+                                         output_final_state=True)  # validates the other arguments
+    except (ValueError, TypeError) as e:
+        error = e
+    _check_same_shapes(group, world, "lightning_attention_cp", fields, _device_of(q), error)
+    if world > 1 and torch.is_grad_enabled() and not state.requires_grad:
+        # some rank may need gradients (e.g. only rank 0's initial_state is learned): every rank's output then
+        # depends on the exchanged states, and every rank's backward must reach the collective
+        state = state.detach().requires_grad_()
     if world > 1:
         scale = check_scale(scale, D)
         rates = (torch.zeros(H, device=q.device) if decay is None

@@ -420,7 +420,7 @@ def lightning_attention(
         v: (B, H, N, Dv) values, 1 <= Dv <= 256 (Dv may differ from D).
         decay: (H,) rates ``s_h >= 0`` (``lambda_h = exp(-s_h)``; an (H, 1, 1) slope tensor is accepted
             too), any float dtype, or None. Treated as a constant (no gradient). See
-            :func:`lightning_decay_rates` (OpenNLPLab / TransNormerLLM) and :func:`fla_lightning_decay`.
+            :func:`lightning_decay_rates` (OpenNLPLab / TransNormerLLM) and :func:`fla_lightning_decay_rates`.
         g: (B, H, N) per-token log-decays ``g_t <= 0`` (finite), ``lambda_t = exp(g_t)``, e.g.
             ``F.logsigmoid(x)``; any float dtype, used in float32. Receives a gradient. Exclusive with
             ``decay``; ``decay = s`` equals ``g = -s[h]`` for every token. On CPU bad values raise; on CUDA

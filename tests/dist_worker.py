@@ -178,6 +178,33 @@ def errors_case(world, rank):
     _expect_value_error(lambda: tdist.ring_attention(y, y, y, layout="contiguous"), "differ across ranks")
     _expect_value_error(lambda: tdist.lightning_attention_cp(y, y, y), "differ across ranks")
     _expect_value_error(lambda: tdist.unshard_sequence(y, layout="contiguous"), "differ across ranks")
+    # a local check that fails on one rank only: that rank raises its own error, the others name it (no hang)
+    z = torch.randn(1, 2, 4 if rank == 0 else 5, 16, device=DEV)
+    _expect_value_error(lambda: tdist.ring_attention(z, z, z, layout="zigzag"),
+                        "rejected" if rank == 0 else "even local length")
+    h_bad = torch.zeros(1, 2, 16, 3, device=DEV)  # wrong Dv, read on rank 0 only
+    _expect_value_error(lambda: tdist.lightning_attention_cp(x, x, x, initial_state=h_bad),
+                        "initial_state" if rank == 0 else "rejected")
+
+
+def frozen_case(world, rank, n=6):
+    """Only rank 0's initial_state is learned (q, k, v frozen): every rank's backward still reaches the state
+    exchange and the initial state's gradient includes every rank's outputs."""
+    gen = torch.Generator().manual_seed(3)
+    N, H, D = n * world, 2, 8
+    q, k, v = (torch.randn(1, H, N, D, generator=gen).to(DEV) for _ in range(3))
+    h0 = torch.randn(1, H, D, D, generator=gen).to(DEV)
+    rates = tileattn.lightning_decay_rates(H, device=DEV) * 0.25
+    hr = h0.clone().requires_grad_()
+    ref = linear_attention_quadratic_ref(q, k, v, rates, initial_state=hr, upcast=True)[0]
+    ref.sum().backward()
+    shard = lambda x: tdist.shard_sequence(x, layout="contiguous")  # noqa: E731
+    hl = h0.clone().requires_grad_()
+    out = tdist.lightning_attention_cp(shard(q), shard(k), shard(v), rates, initial_state=hl)
+    assert out.requires_grad, f"rank {rank}: the output depends on rank 0's initial state"
+    out.sum().backward()
+    if rank == 0:
+        assert_close("frozen dh0", hl.grad, hr.grad, None, dtype=torch.float32, floor=1e-5)
 
 
 def main():
@@ -188,7 +215,7 @@ def main():
         torch.cuda.set_device(int(os.environ["RANK"]))
     dist.init_process_group("nccl" if DEV == "cuda" else "gloo", timeout=timedelta(seconds=120))
     world, rank = dist.get_world_size(), dist.get_rank()
-    fns = {"ring": ring_case, "lightning": lightning_case, "errors": errors_case}
+    fns = {"ring": ring_case, "lightning": lightning_case, "errors": errors_case, "frozen": frozen_case}
     for case in cases:
         case = dict(case)
         op, groups = case.pop("op"), case.pop("groups", None)

@@ -79,7 +79,7 @@ LIGHTNING = [
 @pytest.mark.parametrize("world, cases", [
     pytest.param(2, RING_W2, id="ring-w2"),
     pytest.param(4, RING_W4, id="ring-w4"),
-    pytest.param(2, LIGHTNING + [dict(op="errors")], id="lightning-errors-w2"),
+    pytest.param(2, LIGHTNING + [dict(op="errors"), dict(op="frozen")], id="lightning-errors-w2"),
     pytest.param(4, LIGHTNING[:1] + [dict(op="lightning", groups=[[3, 1], [0, 2]]), dict(op="errors")],
                  id="lightning-errors-w4"),
 ])
