@@ -212,3 +212,16 @@ def test_varlen_compile_fullgraph():
     g_e = torch.autograd.grad(out_e.float().sum(), (q, k, v))
     assert all(torch.equal(a, b) for a, b in zip(g_c, g_e))
     torch._dynamo.reset()
+
+
+def test_varlen_descriptor_path(monkeypatch):
+    """The sm_90 interior path (tensor descriptors built per sequence, forced under the interpreter), with
+    sequences that have no queries or no keys."""
+    if not interpreter_enabled():
+        pytest.skip("descriptor path forced only under the interpreter")
+    monkeypatch.setattr(ka, "TMA_MODE", "on")
+    lens_q, lens_k = [5, 0, 40, 17], [7, 3, 0, 33]
+    q = packed(sum(lens_q), 4, 32, torch.float32)
+    k = packed(sum(lens_k), 2, 32, torch.float32)
+    v = packed(sum(lens_k), 2, 32, torch.float32)
+    check_against_reference(q, k, v, cu(lens_q), cu(lens_k), causal=True, dtype=torch.float32)
