@@ -83,6 +83,14 @@ def _state_mm(a, b_h, DT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexp
 
 
 @triton.jit
+def _chunk_load(x, i_b, i_h, r, s_b, s_h, s_n, o_col, m_row, m_col):
+    """The chunk's rows ``r`` [BT, 1] (int64, row-masked by ``m_row``) x columns ``o_col`` of head ``i_h`` of
+    batch ``i_b`` in a (B, H, N, D) tensor with strides (s_b, s_h, s_n, 1); zero-filled outside."""
+    p = x + i_b.to(tl.int64) * s_b + i_h.to(tl.int64) * s_h + r * s_n + o_col[None, :]
+    return tl.load(p, mask=m_row[:, None] & m_col[None, :], other=0.0)
+
+
+@triton.jit
 def _chunk_rows(i_c, i_bh, H, N, NT, cu, ctab, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Where program (chunk ``i_c``, batch-head ``i_bh``) works: batch ``i_b``, head ``i_h``, sequence
     ``i_n`` (its state index), first row ``r0`` of the chunk in the (B, H, N) row space of batch ``i_b``,
@@ -168,10 +176,8 @@ def _chunk_state_kernel(
     m_k = o_k < D
     m_v = o_v < DV
     r = r0.to(tl.int64) + o_t[:, None]
-    p_a = a + i_b.to(tl.int64) * stride_ab + i_h.to(tl.int64) * stride_ah + r * stride_an + o_k[None, :]
-    p_b = b + i_b.to(tl.int64) * stride_bb + i_h.to(tl.int64) * stride_bh + r * stride_bn + o_v[None, :]
-    b_a = tl.load(p_a, mask=m_t[:, None] & m_k[None, :], other=0.0)  # [BT, BK]
-    b_v = tl.load(p_b, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DT)  # [BT, BV]
+    b_a = _chunk_load(a, i_b, i_h, r, stride_ab, stride_ah, stride_an, o_k, m_t, m_k)  # [BT, BK]
+    b_v = _chunk_load(b, i_b, i_h, r, stride_bb, stride_bh, stride_bn, o_v, m_t, m_v).to(DT)  # [BT, BV]
     b_b, b_l = _chunk_logdecay(g, s, i_bh, i_h, r0, N, L, BT, CONST_G)
     if REVERSE:
         b_w = tl.exp2(b_b) * scale  # [BT]
@@ -256,12 +262,9 @@ def _chunk_out_kernel(
     m_a = o_a < DA
     m_c = o_c < DC
     r = r0.to(tl.int64) + o_t[:, None]
-    p_a = a + i_b.to(tl.int64) * stride_ab + i_h.to(tl.int64) * stride_ah + r * stride_an + o_a[None, :]
-    p_b = b + i_b.to(tl.int64) * stride_bb + i_h.to(tl.int64) * stride_bh + r * stride_bn + o_a[None, :]
-    p_c = c + i_b.to(tl.int64) * stride_cb + i_h.to(tl.int64) * stride_ch + r * stride_cn + o_c[None, :]
-    b_a = tl.load(p_a, mask=m_t[:, None] & m_a[None, :], other=0.0).to(DT)  # [BT, BA]
-    b_bt = tl.load(p_b, mask=m_t[:, None] & m_a[None, :], other=0.0).to(DT)  # [BT, BA]
-    b_c = tl.load(p_c, mask=m_t[:, None] & m_c[None, :], other=0.0).to(DT)  # [BT, BC]
+    b_a = _chunk_load(a, i_b, i_h, r, stride_ab, stride_ah, stride_an, o_a, m_t, m_a).to(DT)  # [BT, BA]
+    b_bt = _chunk_load(b, i_b, i_h, r, stride_bb, stride_bh, stride_bn, o_a, m_t, m_a).to(DT)  # [BT, BA]
+    b_c = _chunk_load(c, i_b, i_h, r, stride_cb, stride_ch, stride_cn, o_c, m_t, m_c).to(DT)  # [BT, BC]
     p_s = st + (slot * H + i_h).to(tl.int64) * DA * DC + o_a[:, None] * stride_sa + o_c[None, :] * stride_sc
     b_s = tl.load(p_s, mask=m_a[:, None] & m_c[None, :], other=0.0)  # [BA, BC]
 
