@@ -71,13 +71,15 @@ DQ_CONFIGS = {
              128: [(16, 16, 4, 1)],
              256: [(16, 16, 4, 1)]},
 }
-# dK/dV: BLOCK_N key rows per program (the M of all four MMAs: 64 per warpgroup on sm_90), BLOCK_M queries a
-# step; an optional fifth entry is the boundary step (default min(BLOCK_M, 64)). d256 stays on mma.sync:
-# its dK + dV accumulators alone would take 256 registers a thread at 64 key rows per warpgroup.
+# dK/dV: BLOCK_N key rows per program, BLOCK_M queries a step; an optional fifth entry is the boundary step
+# (default min(BLOCK_M, 64)). On sm_90 64 rows per warpgroup along every MMA's M: with BLOCK_M <= BLOCK_N the
+# key tile is the M of all four products; with BLOCK_M > BLOCK_N ("swapped", see _dkdv_steps) the query step
+# is the M of S and dP and the head dim the M of the transposed dK^T / dV^T products (d256 fits only so:
+# 64 keys x (D + Dv) fp32 accumulators over two warpgroups).
 DKDV_CONFIGS = {
     "sm90": {64: [(64, 128, 8, 2, 32)],
-             128: [(32, 128, 8, 2, 16)],
-             256: [(16, 16, 4, 1)]},
+             128: [(32, 128, 8, 2, 16), (128, 64, 8, 2, 128)],
+             256: [(128, 64, 8, 1, 128)]},
     "sm80": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
              128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
              256: [(16, 16, 4, 1)]},
@@ -91,6 +93,10 @@ DKDV_CONFIGS = {
 # Decoding over a KV cache (the forward's KVCACHE / PAGE / PACK_GQA variants): memory-bound, one warpgroup
 # per 64 packed query rows; sm_90 tiles AOT-checked spill-free in the paged variant, other families reuse
 # the forward's.
+# Block-sparse calls of these (kernel, family, head-dim bucket) run these configs instead: the swapped d256
+# dK/dV tile spills 40 bytes (outside its main loops) in the block-sparse variant, so block-sparse d256
+# backward keeps the small mma.sync tile there.
+SPARSE_CONFIGS = {("_attn_bwd_dkdv", "sm90", 256): [(16, 16, 4, 1)]}
 DECODE_CONFIGS = {
     "sm90": {64: [(64, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
              128: [(64, 64, 4, 3), (128, 64, 8, 3)],
@@ -262,10 +268,11 @@ def _load_and_score(
     BA: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr, xa, MOD: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, xa, MOD: tl.constexpr, SWAP: tl.constexpr = False,
 ):
     """The tile body of every kernel: load the step's rows of X [BT, BD] and Y [BT, BDV] (k / v for the
-    forward and dQ, q / dO for dK/dV) and score ``b_a @ X^T`` [BA, BT]. Boundary steps (MASKED) return the
+    forward and dQ, q / dO for dK/dV) and score ``b_a @ X^T`` [BA, BT] (SWAP: ``X @ b_a^T`` [BT, BA], the
+    step's rows along the MMA's M). Boundary steps (MASKED) return the
     scores scaled to the log2 domain with every mask applied (``i_q`` / ``i_k`` orient it, see
     :func:`_mask_scores`); interior steps return the raw dot product, scaled by the caller inside its
     exp2 (one FFMA, see :func:`_exp2_sub`). DESC: X / Y are tensor descriptors (TMA on Hopper; interior
@@ -277,7 +284,10 @@ def _load_and_score(
         o_r = tl.arange(0, BT)
         b_x = _load_tile(X, start, s_xn, o_r, tl.arange(0, BLOCK_D), Nt, D, MASKED, D < BLOCK_D)  # [BT, BD]
         b_y = _load_tile(Y, start, s_yn, o_r, tl.arange(0, BLOCK_DV), Nt, DV, MASKED, DV < BLOCK_DV)  # [BT, BDV]
-    b_s = _dot(b_a, tl.trans(b_x), tl.zeros([BA, BT], dtype=tl.float32), DOT_F32, PREC)  # [BA, BT]
+    if SWAP:
+        b_s = _dot(b_x, tl.trans(b_a), tl.zeros([BT, BA], dtype=tl.float32), DOT_F32, PREC)  # [BT, BA]
+    else:
+        b_s = _dot(b_a, tl.trans(b_x), tl.zeros([BA, BT], dtype=tl.float32), DOT_F32, PREC)  # [BA, BT]
     b_g = 1.0
     if MOD is not None:  # score mods: every step (interior too) returns scaled, modified scores (see _score_mod)
         b_s, b_g = _score_mod(b_s * qk_scale, i_q, i_k, Nq, Nk, xa, MOD)
@@ -743,9 +753,14 @@ def _dkdv_steps(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr, NOLICM: tl.constexpr, xa, MOD: tl.constexpr, DROPOUT: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
     """Steps [t0, t1) of the dK/dV walk over the query tiles of one query head (DROPOUT / MOD as in
-    :func:`_dq_steps`, on transposed [BN, BM] tiles)."""
+    :func:`_dq_steps`). Score tiles are [BN, BM] (keys along the MMA's M, the program's key tile) or, SWAP,
+    [BM, BN] (the step's queries along M: a wide query step keeps 64 rows per warpgroup in the S / dP
+    products when the key tile is narrow), and then the accumulators are transposed, dK^T [BD, BN] and
+    dV^T [BDV, BN] (head dim along M): P and dS enter those products as B operands, from shared memory,
+    instead of as register A operands, which a transposed P would need (d256 does not fit that).)"""
     SCALED: tl.constexpr = MASKED or (MOD is not None)
     t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED, SPARSE, ALL_MASKED, BSQ, BLOCK_M)
     for t in tl.range(t0, t1, disable_licm=NOLICM):
@@ -759,23 +774,34 @@ def _dkdv_steps(
             b_lse = tl.load(LSEh + o_m)
             b_delta = tl.load(DELTAh + o_m)
         b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-        b_q, b_do, b_st, b_gt = _load_and_score(  # [BM, BD], [BM, BDV], [BN, BM]
-            b_k, Qh, DOh, start_m, s_qn, s_don, Nq, qk_scale, o_m[None, :], o_n[:, None], Nq, Nk,
+        if SWAP:  # scores [BM, BN]: query index down the rows
+            i_q, i_k, b_lse2, b_delta = o_m[:, None], o_n[None, :], b_lse2[:, None], b_delta[:, None]
+        else:  # scores [BN, BM]: key index down the rows
+            i_q, i_k, b_lse2, b_delta = o_m[None, :], o_n[:, None], b_lse2[None, :], b_delta[None, :]
+        b_q, b_do, b_st, b_gt = _load_and_score(  # [BM, BD], [BM, BDV], scores
+            b_k, Qh, DOh, start_m, s_qn, s_don, Nq, qk_scale, i_q, i_k, Nq, Nk,
             left, right, p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_N, BLOCK_M, D, DV, BLOCK_D, BLOCK_DV,
-            MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC, xa, MOD)
-        b_pt = _exp2_sub(b_st, b_lse2[None, :], qk_scale, SCALED)  # [BN, BM]
+            MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC, xa, MOD, SWAP)
+        b_pt = _exp2_sub(b_st, b_lse2, qk_scale, SCALED)
         b_ptd = b_pt
-        if DROPOUT:  # the same (i, j) keys as the forward / dQ, transposed
-            b_keep = _dropout_keep(o_m[None, :], o_n[:, None], xa)
+        if DROPOUT:  # the same (i, j) keys as the forward / dQ
+            b_keep = _dropout_keep(i_q, i_k, xa)
             b_ptd = _dropped(b_pt, b_keep, xa)
-        dv = _dot(b_ptd.to(b_do.dtype), b_do, dv, DOT_F32, PREC)  # [BN, BDV]
-        b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
+        if SWAP:  # dV^T += dO^T P: P is the B operand (shared memory), dO^T a view of the loaded tile
+            dv = _dot(tl.trans(b_do), b_ptd.to(b_do.dtype), dv, DOT_F32, PREC)  # [BDV, BN]
+            b_dpt = _dot(b_do, tl.trans(b_v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_F32, PREC)
+        else:
+            dv = _dot(b_ptd.to(b_do.dtype), b_do, dv, DOT_F32, PREC)  # [BN, BDV]
+            b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
         if DROPOUT:
             b_dpt = _dropped(b_dpt, b_keep, xa)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
+        b_dst = b_pt * (b_dpt - b_delta)
         if MOD is not None:
             b_dst = _mod_chain(b_dst, b_pt, b_gt)
-        dk = _dot(b_dst.to(b_q.dtype), b_q, dk, DOT_F32, PREC)  # [BN, BD]
+        if SWAP:
+            dk = _dot(tl.trans(b_q), b_dst.to(b_q.dtype), dk, DOT_F32, PREC)  # [BD, BN]
+        else:
+            dk = _dot(b_dst.to(b_q.dtype), b_q, dk, DOT_F32, PREC)  # [BN, BD]
     return dk, dv
 
 
@@ -798,6 +824,8 @@ def _attn_bwd_dkdv(
 ):
     # grid (key tile, Y, Z), (batch, kv head) = Y * pid(2) + pid(1); programs past the end (only when
     # B * Hkv > 65535) redo the last one and store the same values
+    # SWAP (query step wider than the key tile): score tiles [BM, BN], see _dkdv_steps
+    SWAP: tl.constexpr = BLOCK_M > BLOCK_N
     i_n = tl.program_id(0)
     Hkv = H // G
     i_bhk = tl.minimum(tl.program_id(2) * tl.num_programs(1) + tl.program_id(1), n_bhk - 1)
@@ -825,8 +853,12 @@ def _attn_bwd_dkdv(
                      True, D < BLOCK_D)  # [BN, BD]
     b_v = _load_tile(V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh, i_n * BLOCK_N, s_vn, o_r, o_dv, Nk, DV,
                      True, DV < BLOCK_DV)  # [BN, BDV]
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if SWAP:  # transposed accumulators dK^T [BD, BN], dV^T [BDV, BN] (see _dkdv_steps)
+        dk = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_DV, BLOCK_N], dtype=tl.float32)
+    else:
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     k0 = (i_n * BLOCK_N // BSK) * BSK
     for g in range(0, G):
         i_h = i_hk * G + g
@@ -846,12 +878,19 @@ def _attn_bwd_dkdv(
             dk, dv, b_k, b_v, q_src, do_src, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
             p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
             BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, TMA, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-            DOT_F32, PREC, BLOCK_N >= 128, xa, MOD, DROPOUT)
+            DOT_F32, PREC, (BLOCK_N >= 128) or SWAP, xa, MOD, DROPOUT, SWAP)
+        if TMA and (BLOCK_B == BLOCK_M):  # boundary steps as wide as interior ones: the same descriptors
+            q_b, do_b = q_src, do_src  # (TMA zero-fills rows past Nq)
+        else:
+            q_b, do_b = Qh, DOh
         dk, dv = _dkdv_steps(
-            dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
+            dk, dv, b_k, b_v, q_b, do_b, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
             p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
-            BIAS != 0, BLOCK_B, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-            DOT_F32, PREC, BLOCK_N >= 128, xa, MOD, DROPOUT)
+            BIAS != 0, BLOCK_B, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, TMA and (BLOCK_B == BLOCK_M), WINDOWED, SPARSE, BIAS, BSQ, BSK,
+            DOT_F32, PREC, (BLOCK_N >= 128) or SWAP, xa, MOD, DROPOUT, SWAP)
+    if SWAP:
+        dk = tl.trans(dk)
+        dv = tl.trans(dv)
     tl.store(_tile_ptrs(DK, i_b64, s_dkb, i_hk, s_dkh, i_n * BLOCK_N, s_dkn, o_r, o_d),
              (dk * scale).to(DK.dtype.element_ty), mask=m_n[:, None] & (o_d[None, :] < D))
     tl.store(_tile_ptrs(DV_PTR, i_b64, s_dvb, i_hk, s_dvh, i_n * BLOCK_N, s_dvn, o_r, o_dv),
@@ -942,8 +981,11 @@ def _call_family(q: torch.Tensor, bias_mode: int) -> Optional[str]:
 def configs_for(kernel_name: str, table, family: str, bucket: int, bsq: int = 1 << 30, bsk: int = 1 << 30):
     """The autotuner's configs of one kernel for a family, head-dim bucket and block-sparse block size
     (``bsq`` / ``bsk``; dense calls pass the defaults)."""
+    entries = table[family][bucket]
+    if bsq < 1 << 30:  # block-sparse
+        entries = SPARSE_CONFIGS.get((kernel_name, family, bucket), entries)
     configs = [triton.Config(_tiles(kernel_name, *c[:2], *c[4:]), num_warps=c[2], num_stages=c[3])
-               for c in table[family][bucket]]
+               for c in entries]
     return _prune(kernel_name, configs, bsq, bsk)
 
 
@@ -1394,8 +1436,10 @@ def aot_specs() -> List[KernelSpec]:
         table = {"fwd": FWD_CONFIGS, "decode": DECODE_CONFIGS, "bwd_dq": DQ_CONFIGS, "bwd_dkdv": DKDV_CONFIGS}[tag]
         for family, buckets in table.items():
             for bucket, configs in buckets.items():
-                for config in configs:
-                    for variant in _FAMILY_VARIANTS[family]:
+                for variant in _FAMILY_VARIANTS[family]:
+                    name = _kernel_name(_KERNELS[tag])
+                    for config in (SPARSE_CONFIGS.get((name, family, bucket), configs) if variant == "sparse"
+                                   else configs):
                         spec = make_spec(tag, family, bucket, config, variant)
                         if spec is not None:
                             specs.append(spec)
