@@ -51,9 +51,15 @@ FWD_CONFIGS = {
     "mask": {64: [(64, 32, 4, 2)],
              128: [(64, 32, 4, 2), (32, 32, 4, 2)],
              256: [(32, 16, 4, 2)]},
+    "mask90": {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
+               128: [(128, 32, 8, 2), (64, 32, 4, 2)],
+               256: [(128, 16, 8, 1), (64, 16, 4, 1)]},
     "fp32": {64: [(64, 32, 4, 2)],
              128: [(32, 32, 4, 2)],
              256: [(16, 16, 4, 1)]},
+    "fp32_90": {64: [(64, 32, 4, 2)],
+                128: [(64, 16, 4, 1)],
+                256: [(16, 16, 4, 1)]},
 }
 # dQ: BLOCK_M query rows per program (the M of all three MMAs: 64 per warpgroup on sm_90), BLOCK_N keys a step;
 # an optional fifth entry is the boundary step (default min(BLOCK_N, 64)).
@@ -67,9 +73,15 @@ DQ_CONFIGS = {
     "mask": {64: [(64, 32, 4, 2), (32, 32, 4, 2)],
              128: [(64, 32, 4, 2)],
              256: [(16, 16, 4, 1)]},
+    "mask90": {64: [(64, 64, 4, 2), (128, 64, 8, 2)],
+               128: [(128, 64, 8, 2), (64, 32, 4, 2)],
+               256: [(128, 32, 8, 1)]},
     "fp32": {64: [(16, 16, 4, 1)],
              128: [(16, 16, 4, 1)],
              256: [(16, 16, 4, 1)]},
+    "fp32_90": {64: [(64, 32, 4, 1)],
+                128: [(128, 16, 8, 1)],
+                256: [(16, 16, 4, 1)]},
 }
 # dK/dV: BLOCK_N key rows per program, BLOCK_M queries a step; an optional fifth entry is the boundary step
 # (default min(BLOCK_M, 64)). On sm_90 64 rows per warpgroup along every MMA's M: with BLOCK_M <= BLOCK_N the
@@ -86,9 +98,15 @@ DKDV_CONFIGS = {
     "mask": {64: [(32, 32, 4, 2)],
              128: [(32, 32, 4, 2)],
              256: [(32, 16, 4, 1)]},
+    "mask90": {64: [(128, 64, 8, 2, 128), (32, 64, 4, 2)],
+               128: [(128, 64, 8, 1, 128)],
+               256: [(128, 32, 8, 1, 128)]},
     "fp32": {64: [(16, 16, 4, 1)],
              128: [(16, 16, 4, 1)],
              256: [(16, 16, 8, 1)]},
+    "fp32_90": {64: [(64, 32, 4, 1, 64)],
+                128: [(64, 16, 4, 1, 64)],
+                256: [(16, 16, 4, 1)]},
 }
 # Decoding over a KV cache (the forward's KVCACHE / PAGE / PACK_GQA variants): memory-bound, one warpgroup
 # per 64 packed query rows; sm_90 tiles AOT-checked spill-free in the paged variant, other families reuse
@@ -101,7 +119,7 @@ DECODE_CONFIGS = {
     "sm90": {64: [(64, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
              128: [(64, 64, 4, 3), (128, 64, 8, 3)],
              256: [(128, 32, 8, 2)]},
-    **{f: FWD_CONFIGS[f] for f in ("sm80", "mask", "fp32")},
+    **{f: FWD_CONFIGS[f] for f in ("sm80", "mask", "mask90", "fp32", "fp32_90")},
 }
 INTERPRET_CONFIG = (32, 32, 4, 1)
 
@@ -967,11 +985,12 @@ def _family(dtype: torch.dtype, device: torch.device, bias_mode: int) -> str:
     """Config family: fp32 inputs (FMA / tf32 dots), 16-bit with a mask tensor (its tile loads need
     smaller tiles), or 16-bit on sm_90 (wgmma tiles) / other GPUs (the sm_80 tables, also for newer
     architectures, whose tiles the resource report does not check)."""
+    sm90 = torch.cuda.get_device_capability(device)[0] == 9
     if dtype == torch.float32:
-        return "fp32"
+        return "fp32_90" if sm90 else "fp32"
     if bias_mode:
-        return "mask"
-    return "sm90" if torch.cuda.get_device_capability(device)[0] == 9 else "sm80"
+        return "mask90" if sm90 else "mask"
+    return "sm90" if sm90 else "sm80"
 
 
 def _call_family(q: torch.Tensor, bias_mode: int) -> Optional[str]:
@@ -1357,11 +1376,13 @@ _VARIANTS = {
     "kvcache": dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30, KVCACHE=True, PAGE=0,
                     PACK_GQA=False),
 }
-_FAMILY_VARIANTS = {"sm90": ("dense", "causal", "sparse", "varlen", "paged", "kvcache"), "sm80": ("causal", "sparse"), "mask": ("bias",),
+_FAMILY_VARIANTS = {"sm90": ("dense", "causal", "sparse", "varlen", "paged", "kvcache"), "sm80": ("causal", "sparse"),
+                    "mask": ("bias",), "mask90": ("bias",), "fp32_90": ("causal", "sparse", "bias"),
                     "fp32": ("causal", "sparse", "bias")}
 _FAMILY_DTYPES = {"sm90": (torch.float16, torch.bfloat16), "sm80": (torch.float16, torch.bfloat16),
-                  "mask": (torch.float16, torch.bfloat16), "fp32": (torch.float32,)}
-_FAMILY_ARCHS = {"sm90": (90,), "sm80": (80,), "mask": (80, 90), "fp32": (80, 90)}
+                  "mask": (torch.float16, torch.bfloat16), "mask90": (torch.float16, torch.bfloat16),
+                  "fp32": (torch.float32,), "fp32_90": (torch.float32,)}
+_FAMILY_ARCHS = {"sm90": (90,), "sm80": (80,), "mask": (80,), "mask90": (90,), "fp32": (80,), "fp32_90": (90,)}
 
 
 def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
@@ -1409,7 +1430,7 @@ def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, i
     dtype = dtype or _FAMILY_DTYPES[family][-1 if variant == "sparse" else 0]
     kernel = _KERNELS[tag]
     cx = dict(D=bucket, DV=bucket, BLOCK_D=bucket, BLOCK_DV=bucket, **_tiles(kernel.__name__, bm, bn, *config[4:]),
-              DOT_F32=False, PREC="tf32" if family == "fp32" else "ieee", TMA=family == "sm90",
+              DOT_F32=False, PREC="tf32" if family.startswith("fp32") else "ieee", TMA=family == "sm90",
               **{"VARLEN": False, **var})
     cx.update(MOD=None, DROPOUT=False)  # the plain path (score mods / dropout off)
     if tag in ("fwd", "decode"):

@@ -35,7 +35,7 @@ def _job(args):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kernels", default="fwd,bwd_dq,bwd_dkdv")
-    ap.add_argument("--families", default="sm90,sm80,mask,fp32")
+    ap.add_argument("--families", default="sm90,sm80,mask,mask90,fp32,fp32_90")
     ap.add_argument("--buckets", default="64,128,256")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     a = ap.parse_args(argv)
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     for tag in a.kernels.split(","):
         for family in a.families.split(","):
             for bucket in map(int, a.buckets.split(",")):
-                cands = (SMALL_CANDIDATES if family in ("fp32", "mask")
+                cands = (SMALL_CANDIDATES if family in ("fp32", "mask", "fp32_90", "mask90")
                          else CANDIDATES["fwd" if tag == "fwd" else "bwd"])
                 for config in cands:
                     for variant in _FAMILY_VARIANTS[family]:

@@ -302,8 +302,8 @@ from tileattn.kernels import attention as A
 sys.path.insert(0, sys.argv[1])
 import test_score_mods as T
 rows = []
-for tag, cfg in (("fwd", (64, 32, 4, 2)), ("bwd_dq", (64, 32, 4, 2)), ("bwd_dkdv", (32, 32, 4, 2))):
-    spec = A.make_spec(tag, "mask", 64, cfg, "bias", None)
+for tag, table in (("fwd", A.FWD_CONFIGS), ("bwd_dq", A.DQ_CONFIGS), ("bwd_dkdv", A.DKDV_CONFIGS)):
+    spec = A.make_spec(tag, "mask90", 64, table["mask90"][64][0], "bias", None)
     spec.constexprs.update(MOD=(T.rel_bias, T.rel_bias_grad, 1, True, True), DROPOUT=True, BIAS=0)
     for name in ("BIAS_PTR",):
         spec.signature[name] = "*u8"
@@ -316,7 +316,7 @@ print(json.dumps(rows))
 
 def test_mod_and_dropout_variants_compile_for_sm90():
     """The heaviest variant (user ScoreMod with a table, ALiBi, soft-cap and dropout) AOT-compiles for
-    sm_90 in the family modded calls use (the "mask" tiles), forward and both backward kernels."""
+    sm_90 in the family modded calls use there (the "mask90" tiles), forward and both backward kernels."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", MOD_COMPILE, os.path.join(REPO, "tests")], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=900)
