@@ -22,6 +22,7 @@ is stored in natural log. Rows that see no key give out = 0, lse = -inf, and zer
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -83,29 +84,29 @@ DQ_CONFIGS = {
                 128: [(128, 16, 8, 1)],
                 256: [(16, 16, 4, 1)]},
 }
-# dK/dV: BLOCK_N key rows per program, BLOCK_M queries a step; an optional fifth entry is the boundary step
-# (default min(BLOCK_M, 64)). On sm_90 64 rows per warpgroup along every MMA's M: with BLOCK_M <= BLOCK_N the
-# key tile is the M of all four products; with BLOCK_M > BLOCK_N ("swapped", see _dkdv_steps) the query step
-# is the M of S and dP and the head dim the M of the transposed dK^T / dV^T products (d256 fits only so:
-# 64 keys x (D + Dv) fp32 accumulators over two warpgroups).
+# dK/dV: BLOCK_N key rows per program, BLOCK_M queries a step; optional fifth / sixth entries: the boundary
+# step (default min(BLOCK_M, 64)) and SWAP. On sm_90 64 rows per warpgroup along every MMA's M: the key tile
+# is the M of all four products, or, swapped (SWAP, see _dkdv_steps), the query step is the M of S and dP
+# and the head dim the M of the transposed dK^T / dV^T products (d256 fits only so: 64 keys x (D + Dv) fp32
+# accumulators over two warpgroups).
 DKDV_CONFIGS = {
     "sm90": {64: [(64, 128, 8, 2, 32)],
-             128: [(32, 128, 8, 2, 16), (128, 64, 8, 2, 128)],
-             256: [(128, 64, 8, 1, 128)]},
+             128: [(32, 128, 8, 2, 16), (128, 64, 8, 2, 128, True)],
+             256: [(128, 64, 8, 1, 128, True)]},
     "sm80": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
              128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
              256: [(16, 16, 4, 1)]},
     "mask": {64: [(32, 32, 4, 2)],
              128: [(32, 32, 4, 2)],
              256: [(32, 16, 4, 1)]},
-    "mask90": {64: [(128, 64, 8, 2, 128), (32, 64, 4, 2)],
-               128: [(128, 64, 8, 1, 128)],
-               256: [(128, 32, 8, 1, 128)]},
+    "mask90": {64: [(128, 64, 8, 2, 128, True), (32, 64, 4, 2)],
+               128: [(128, 64, 8, 1, 128, True)],
+               256: [(128, 32, 8, 1, 128, True)]},
     "fp32": {64: [(16, 16, 4, 1)],
              128: [(16, 16, 4, 1)],
              256: [(16, 16, 8, 1)]},
-    "fp32_90": {64: [(64, 32, 4, 1, 64)],
-                128: [(64, 16, 4, 1, 64)],
+    "fp32_90": {64: [(64, 32, 4, 1, 64, True)],
+                128: [(64, 16, 4, 1, 64, True)],
                 256: [(16, 16, 4, 1)]},
 }
 # Decoding over a KV cache (the forward's KVCACHE / PAGE / PACK_GQA variants): memory-bound, one warpgroup
@@ -121,7 +122,7 @@ DECODE_CONFIGS = {
              256: [(128, 32, 8, 2)]},
     **{f: FWD_CONFIGS[f] for f in ("sm80", "mask", "mask90", "fp32", "fp32_90")},
 }
-INTERPRET_CONFIG = (32, 32, 4, 1)
+INTERPRET_CONFIG = (32, 32, 4, 1)  # (BLOCK_M, BLOCK_N, warps, stages[, BLOCK_B[, SWAP]])
 
 
 def _dim_bucket(bd: int) -> int:
@@ -532,17 +533,21 @@ def _fwd_steps(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, DESC: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr, xa, MOD: tl.constexpr, DROPOUT: tl.constexpr,
+    WS: tl.constexpr = False,
 ):
     """Steps [t0, t1) of the forward walk: online softmax in the log2 domain (l_i and the LSE of the
-    pre-dropout probabilities; DROPOUT drops them before the PV product)."""
+    pre-dropout probabilities; DROPOUT drops them before the PV product). WS: the one walk of a
+    warp-specialized dense program (see _attn_fwd): every key tile, keys past Nk masked in each step."""
     SCALED: tl.constexpr = MASKED or (MOD is not None)  # scores come scaled (see _load_and_score)
     t0, t1 = _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, MASKED, SPARSE, ALL_MASKED, BSK, BLOCK_N)
-    for t in range(t0, t1):
+    for t in tl.range(t0, t1, warp_specialize=WS):
         b_k, b_v, b_s, b_g, o_n = _key_step(  # [BN, BD], [BN, BDV], [BM, BN]
             t, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right, p_bias, sb_m, sb_n, EMASK, q0,
             lo, lo_u, hi_u, n_full, p_l, IDX_F, IDX_P, MID_P, TBL, n_pages, s_kp, s_vp, PAGE,
             BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC,
             xa, MOD)
+        if WS:  # the last key tile may be partial (TMA zero-fills its rows; their scores must not count)
+            b_s = tl.where(o_n[None, :] < Nk, b_s, float("-inf"))
         if SCALED:
             m_new = tl.maximum(m_i, tl.max(b_s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -575,8 +580,12 @@ def _attn_fwd(
     COUNT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, NEG_SCALE: tl.constexpr,
     VARLEN: tl.constexpr, KVCACHE: tl.constexpr, PAGE: tl.constexpr, PACK_GQA: tl.constexpr,
     SLOPES, sl_b, sl_h, softcap, MOD_T0, MOD_T1, RNG, p_drop, rp,
-    MOD: tl.constexpr, DROPOUT: tl.constexpr,
+    MOD: tl.constexpr, DROPOUT: tl.constexpr, WS: tl.constexpr = False,
 ):
+    # WS (dense, TMA, 4 warps x 128 query rows): Hopper automatic warp specialization of the key walk (a TMA
+    # producer warp group and two consumer warp groups). Triton's pass takes a kernel whose loads are all
+    # descriptor loads and which has a single loop, so q comes through a descriptor and one walk covers
+    # every key tile with the key bound masked (no separate boundary phase).
     # program (query tile, batch * head, key split); the last query tiles (the heaviest under a causal
     # mask) start first. Split-KV decoding writes per-split partial (O, LSE) at split strides s_os / s_ls,
     # combined by the launcher.
@@ -618,6 +627,9 @@ def _attn_fwd(
             Q, K, V, BIAS_PTR, i_m, i_bh, H, G, Nq, s_qb, s_qh, s_qn, s_kb, s_kh, s_vb, s_vh, sb_b, sb_h,
             D, BLOCK_D, BLOCK_DV, BLOCK_M)
         w_start, w_end = i_m * BLOCK_M, Nq  # query rows the walk plans for
+        if WS:  # (TMA zero-fills rows past Nq; the pointer load above is then dead code)
+            b_q = tl.make_tensor_descriptor(Q + i_b64 * s_qb + i_h.to(tl.int64) * s_qh, shape=[Nq, D],
+                                            strides=[s_qn, 1], block_shape=[BLOCK_M, BLOCK_D]).load([i_m * BLOCK_M, 0])
     if KVCACHE:  # keys: the first cache_seqlens[b] + n_new rows of the cache, clamped to its capacity Nk
         Nk = tl.minimum(tl.minimum(tl.maximum(tl.load(SEQLENS + i_b), 0), Nk) + n_new, Nk)
         TBL += i_b64 * s_tb
@@ -636,18 +648,22 @@ def _attn_fwd(
         sn_b, sn_h, si_b, si_h, si_m, SPARSE, BIAS != 0, BSQ, i_sp * split_keys, (i_sp + 1) * split_keys)
     q0 = (i_m * BLOCK_M // BSQ) * BSQ
     k_src, v_src = _sources(K, V, Nk, s_kn, s_vn, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, TMA)
+    if WS:  # one walk over every key tile (see WS above)
+        lo_u = lo
+        hi_u = hi
     acc, m_i, l_i = _fwd_steps(  # interior tiles: no masks
         acc, m_i, l_i, b_q, k_src, v_src, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
         p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
         TBL, n_pages, s_kp, s_vp, PAGE,
         BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, TMA, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-        DOT_F32, PREC, xa, MOD, DROPOUT)
-    acc, m_i, l_i = _fwd_steps(  # boundary tiles (BLOCK_B keys a step): bounds, window, element / bias masks
-        acc, m_i, l_i, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
-        p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
-        TBL, n_pages, s_kp, s_vp, PAGE,
-        BIAS != 0, BLOCK_M, BLOCK_B, D, DV, BLOCK_D, BLOCK_DV, True, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
-        DOT_F32, PREC, xa, MOD, DROPOUT)
+        DOT_F32, PREC, xa, MOD, DROPOUT, WS)
+    if not WS:
+        acc, m_i, l_i = _fwd_steps(  # boundary tiles (BLOCK_B keys a step): bounds, window, element / bias masks
+            acc, m_i, l_i, b_q, K, V, s_kn, s_vn, o_m, qk_scale, Nq, Nk, left, right,
+            p_bias, sb_m, sb_n, EMASK, q0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, KV_IDX_F, KV_IDX_P, KV_MID_P,
+            TBL, n_pages, s_kp, s_vp, PAGE,
+            BIAS != 0, BLOCK_M, BLOCK_B, D, DV, BLOCK_D, BLOCK_DV, True, False, WINDOWED, SPARSE, BIAS, BSQ, BSK,
+            DOT_F32, PREC, xa, MOD, DROPOUT)
     if COUNT:  # debug: steps this program ran (interior, boundary)
         p_c = VISITS + (i_bh.to(tl.int64) * tl.num_programs(0) + i_slot) * 2
         tl.store(p_c, _walk_range(lo, lo_u, hi_u, hi, n_full, n_part, False, SPARSE, BIAS != 0, BSK, BLOCK_N)[1])
@@ -764,6 +780,26 @@ def _attn_bwd_dq(
 # its GQA group, so dK / dV are summed over the group without atomics)
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
+def _qvec(x, SWAP: tl.constexpr):
+    """A per-query vector of a dK/dV score tile, broadcast along its keys: [BM, 1] (SWAP) or [1, BM]."""
+    if SWAP:
+        y = x[:, None]
+    else:
+        y = x[None, :]
+    return y
+
+
+@triton.jit
+def _kvec(x, SWAP: tl.constexpr):
+    """A per-key vector of a dK/dV score tile, broadcast along its queries: [1, BN] (SWAP) or [BN, 1]."""
+    if SWAP:
+        y = x[None, :]
+    else:
+        y = x[:, None]
+    return y
+
+
+@triton.jit
 def _dkdv_steps(
     dk, dv, b_k, b_v, Qh, DOh, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
     p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, IDX_F, IDX_P, MID_P, ALL_MASKED: tl.constexpr,
@@ -792,18 +828,14 @@ def _dkdv_steps(
             b_lse = tl.load(LSEh + o_m)
             b_delta = tl.load(DELTAh + o_m)
         b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-        if SWAP:  # scores [BM, BN]: query index down the rows
-            i_q, i_k, b_lse2, b_delta = o_m[:, None], o_n[None, :], b_lse2[:, None], b_delta[:, None]
-        else:  # scores [BN, BM]: key index down the rows
-            i_q, i_k, b_lse2, b_delta = o_m[None, :], o_n[:, None], b_lse2[None, :], b_delta[None, :]
         b_q, b_do, b_st, b_gt = _load_and_score(  # [BM, BD], [BM, BDV], scores
-            b_k, Qh, DOh, start_m, s_qn, s_don, Nq, qk_scale, i_q, i_k, Nq, Nk,
+            b_k, Qh, DOh, start_m, s_qn, s_don, Nq, qk_scale, _qvec(o_m, SWAP), _kvec(o_n, SWAP), Nq, Nk,
             left, right, p_bias, sb_m, sb_n, EMASK, i_mid, q0, k0, BLOCK_N, BLOCK_M, D, DV, BLOCK_D, BLOCK_DV,
             MASKED, DESC, WINDOWED, SPARSE, BIAS, BSQ, BSK, DOT_F32, PREC, xa, MOD, SWAP)
-        b_pt = _exp2_sub(b_st, b_lse2, qk_scale, SCALED)
+        b_pt = _exp2_sub(b_st, _qvec(b_lse2, SWAP), qk_scale, SCALED)
         b_ptd = b_pt
         if DROPOUT:  # the same (i, j) keys as the forward / dQ
-            b_keep = _dropout_keep(i_q, i_k, xa)
+            b_keep = _dropout_keep(_qvec(o_m, SWAP), _kvec(o_n, SWAP), xa)
             b_ptd = _dropped(b_pt, b_keep, xa)
         if SWAP:  # dV^T += dO^T P: P is the B operand (shared memory), dO^T a view of the loaded tile
             dv = _dot(tl.trans(b_do), b_ptd.to(b_do.dtype), dv, DOT_F32, PREC)  # [BDV, BN]
@@ -813,7 +845,7 @@ def _dkdv_steps(
             b_dpt = _dot(b_v, tl.trans(b_do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_F32, PREC)
         if DROPOUT:
             b_dpt = _dropped(b_dpt, b_keep, xa)
-        b_dst = b_pt * (b_dpt - b_delta)
+        b_dst = b_pt * (b_dpt - _qvec(b_delta, SWAP))
         if MOD is not None:
             b_dst = _mod_chain(b_dst, b_pt, b_gt)
         if SWAP:
@@ -834,16 +866,15 @@ def _attn_bwd_dkdv(
     H, G, Nq, Nk, qk_scale, scale, left, right,
     N_BUCKET_Q, N_BUCKET_K, n_bhk, CU_Q, CU_K, n_seq,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SWAP: tl.constexpr,
     WINDOWED: tl.constexpr, SPARSE: tl.constexpr, BIAS: tl.constexpr, BSQ: tl.constexpr, BSK: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, VARLEN: tl.constexpr,
     SLOPES, sl_b, sl_h, softcap, MOD_T0, MOD_T1, RNG, p_drop, rp,
     MOD: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # grid (key tile, Y, Z), (batch, kv head) = Y * pid(2) + pid(1); programs past the end (only when
-    # B * Hkv > 65535) redo the last one and store the same values
-    # SWAP (query step wider than the key tile): score tiles [BM, BN], see _dkdv_steps
-    SWAP: tl.constexpr = BLOCK_M > BLOCK_N
+    # B * Hkv > 65535) redo the last one and store the same values. SWAP: score tiles [BM, BN] and
+    # transposed accumulators (see _dkdv_steps)
     i_n = tl.program_id(0)
     Hkv = H // G
     i_bhk = tl.minimum(tl.program_id(2) * tl.num_programs(1) + tl.program_id(1), n_bhk - 1)
@@ -897,14 +928,15 @@ def _attn_bwd_dkdv(
             p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
             BIAS != 0, BLOCK_M, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, TMA, WINDOWED, SPARSE, BIAS, BSQ, BSK,
             DOT_F32, PREC, (BLOCK_N >= 128) or SWAP, xa, MOD, DROPOUT, SWAP)
-        if TMA and (BLOCK_B == BLOCK_M):  # boundary steps as wide as interior ones: the same descriptors
+        DESC_B: tl.constexpr = TMA and SWAP and (BLOCK_B == BLOCK_M)
+        if DESC_B:  # swapped tiles' boundary steps as wide as interior ones: the same descriptors
             q_b, do_b = q_src, do_src  # (TMA zero-fills rows past Nq)
         else:
             q_b, do_b = Qh, DOh
         dk, dv = _dkdv_steps(
             dk, dv, b_k, b_v, q_b, do_b, LSEh, DELTAh, s_qn, s_don, o_n, qk_scale, Nq, Nk, left, right,
             p_bias, sb_m, sb_n, EMASK, k0, lo, lo_u, hi_u, hi, n_full, n_part, p_l, Q_IDX_F, Q_IDX_P, Q_MID_P,
-            BIAS != 0, BLOCK_B, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, TMA and (BLOCK_B == BLOCK_M), WINDOWED, SPARSE, BIAS, BSQ, BSK,
+            BIAS != 0, BLOCK_B, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, DESC_B, WINDOWED, SPARSE, BIAS, BSQ, BSK,
             DOT_F32, PREC, (BLOCK_N >= 128) or SWAP, xa, MOD, DROPOUT, SWAP)
     if SWAP:
         dk = tl.trans(dk)
@@ -923,12 +955,13 @@ _TUNED = {}
 BOUNDARY_STEP = 64  # most rows (keys, or queries for dK/dV) a boundary (masked) step takes
 
 
-def _tiles(kernel_name: str, bm: int, bn: int, bb: Optional[int] = None) -> dict:
+def _tiles(kernel_name: str, bm: int, bn: int, bb: Optional[int] = None, swap: bool = False) -> dict:
     """Meta-parameters of one config: the program tile, the interior step and the boundary step
     ``BLOCK_B`` (the step axis is keys for the forward and dQ, queries for dK/dV; masked tiles hold more
-    live registers, so wide steps are halved there)."""
-    step = bm if kernel_name == "_attn_bwd_dkdv" else bn
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": min(step, bb or BOUNDARY_STEP)}
+    live registers, so wide steps are halved there), and dK/dV's orientation ``SWAP``."""
+    if kernel_name == "_attn_bwd_dkdv":
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": min(bm, bb or BOUNDARY_STEP), "SWAP": bool(swap)}
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": min(bn, bb or BOUNDARY_STEP)}
 
 
 def _kernel_name(kernel) -> str:
@@ -943,7 +976,7 @@ def _prune(kernel_name: str, configs, bsq: int, bsk: int):
         return kept
     c = configs[-1]
     return [triton.Config(_tiles(kernel_name, min(c.kwargs["BLOCK_M"], bsq), min(c.kwargs["BLOCK_N"], bsk),
-                                 c.kwargs["BLOCK_B"]),
+                                 c.kwargs["BLOCK_B"], c.kwargs.get("SWAP", False)),
                           num_warps=c.num_warps, num_stages=c.num_stages)]
 
 
@@ -972,6 +1005,29 @@ def _tma_ok(tensors, family: Optional[str]) -> bool:
     return True
 
 
+# Hopper automatic warp specialization of the dense forward (a TMA producer warp group feeding two consumer
+# warp groups; see _attn_fwd's WS): "off" (default until a GPU run has validated it), "auto" (the autotuner
+# also tries the WS_CONFIGS tiles), "on" (only them; the tests run the WS walk under the interpreter this
+# way). From the environment variable TILEATTN_WARP_SPECIALIZE at import, or set the attribute.
+WARP_SPECIALIZE = os.environ.get("TILEATTN_WARP_SPECIALIZE", "off").strip().lower() or "off"
+if WARP_SPECIALIZE not in ("off", "auto", "on"):
+    raise ValueError(f"TILEATTN_WARP_SPECIALIZE must be off, auto or on, got {WARP_SPECIALIZE!r}")
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim bucket: Triton's Hopper pass needs num_warps = 4 and
+# splits the 128 query rows between its two consumer warp groups (AOT-checked spill-free, 3.6 and 3.9)
+WS_CONFIGS = {64: [(128, 128, 4, 2)], 128: [(128, 128, 4, 2)]}
+
+
+def _ws_ok(tensors, family: Optional[str]) -> bool:
+    """Whether a dense forward call may run the warp-specialized walk (see WARP_SPECIALIZE): descriptors for
+    q, k and v, and a Triton whose ``tl.range`` takes ``warp_specialize``."""
+    if WARP_SPECIALIZE == "on" and interpreter_enabled():
+        return True
+    import inspect
+
+    return ("warp_specialize" in inspect.signature(tl.range.__init__).parameters and family == "sm90"
+            and _tma_ok(tensors, family))
+
+
 def _ensure_allocator() -> None:
     """Device-side tensor descriptors need a global scratch allocator; install a torch-backed one unless
     the caller installed their own (Triton keeps it in a context variable: set it per thread)."""
@@ -997,9 +1053,17 @@ def _call_family(q: torch.Tensor, bias_mode: int) -> Optional[str]:
     return None if interpreter_enabled() else _family(q.dtype, q.device, bias_mode)
 
 
-def configs_for(kernel_name: str, table, family: str, bucket: int, bsq: int = 1 << 30, bsk: int = 1 << 30):
+def configs_for(kernel_name: str, table, family: str, bucket: int, bsq: int = 1 << 30, bsk: int = 1 << 30,
+                ws: str = "off"):
     """The autotuner's configs of one kernel for a family, head-dim bucket and block-sparse block size
-    (``bsq`` / ``bsk``; dense calls pass the defaults)."""
+    (``bsq`` / ``bsk``; dense calls pass the defaults). ``ws``: a dense forward call that may warp-specialize
+    (see WARP_SPECIALIZE): "auto" adds the WS_CONFIGS tiles, "on" runs only them."""
+    if ws != "off" and bucket in WS_CONFIGS:
+        configs = [triton.Config({**_tiles(kernel_name, *c[:2]), "WS": True}, num_warps=c[2], num_stages=c[3])
+                   for c in WS_CONFIGS[bucket]]
+        if ws == "on":
+            return configs
+        return configs_for(kernel_name, table, family, bucket, bsq, bsk) + configs
     entries = table[family][bucket]
     if bsq < 1 << 30:  # block-sparse
         entries = SPARSE_CONFIGS.get((kernel_name, family, bucket), entries)
@@ -1008,23 +1072,24 @@ def configs_for(kernel_name: str, table, family: str, bucket: int, bsq: int = 1 
     return _prune(kernel_name, configs, bsq, bsk)
 
 
-def _tuned(kernel, table, family: str, bucket: int, bsq: int, bsk: int):
-    name = (_kernel_name(kernel), family, bucket, bsq, bsk, table is DECODE_CONFIGS)
+def _tuned(kernel, table, family: str, bucket: int, bsq: int, bsk: int, ws: str = "off"):
+    name = (_kernel_name(kernel), family, bucket, bsq, bsk, table is DECODE_CONFIGS, ws)
     if name not in _TUNED:
-        _TUNED[name] = triton.autotune(configs=configs_for(name[0], table, *name[1:5]), key=_KEY)(kernel)
+        _TUNED[name] = triton.autotune(configs=configs_for(name[0], table, *name[1:5], ws=ws), key=_KEY)(kernel)
     return _TUNED[name]
 
 
 def _launch(kernel, table, grid_fn, args, meta, bd: int, dtype: torch.dtype, device: torch.device):
     """Run ``kernel`` autotuned on GPU, or with the fixed interpreter config on CPU."""
     bsk = min(meta["BSK"], meta.get("PAGE") or 1 << 30)  # key tiles fit in sparse blocks and cache pages
+    ws = meta.pop("WS", "off")
     if interpreter_enabled():
-        bm, bn, w, s = INTERPRET_CONFIG
-        tiles = _tiles(_kernel_name(kernel), min(bm, meta["BSQ"]), min(bn, bsk))
-        kernel[grid_fn(tiles)](*args, **meta, **tiles)
+        bm, bn = INTERPRET_CONFIG[:2]
+        tiles = _tiles(_kernel_name(kernel), min(bm, meta["BSQ"]), min(bn, bsk), *INTERPRET_CONFIG[4:])
+        kernel[grid_fn(tiles)](*args, **meta, **tiles, **({"WS": True} if ws == "on" else {}))
         return
     _tuned(kernel, table, _family(dtype, device, meta["BIAS"] or _modded(meta)), _dim_bucket(bd), meta["BSQ"],
-           bsk)[grid_fn](*args, **meta)
+           bsk, ws)[grid_fn](*args, **meta)
 
 
 def _modded(meta: dict) -> bool:
@@ -1221,6 +1286,10 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
         raise ValueError("score mods and dropout are not supported with packed sequences or KV caches")
     if _modded(meta):
         meta["TMA"] = False
+    if (WARP_SPECIALIZE != "off" and not (windowed or sparse is not None or bias_mode or _modded(meta) or count_visits
+                                          or varlen is not None or kvcache is not None)
+            and _ws_ok((q, k, v), _call_family(q, bias_mode))):
+        meta.update(TMA=True, WS=WARP_SPECIALIZE)
     n_q = (lambda bm: triton.cdiv(rows, bm)) if slots is None else (lambda bm: slots(Nq, bm))
     _launch(_attn_fwd, FWD_CONFIGS if kvcache is None else DECODE_CONFIGS,
             lambda m: (n_q(m["BLOCK_M"]), heads, B * splits), args, meta,
@@ -1419,8 +1488,9 @@ def _aligned_args(sig: dict) -> Tuple[str, ...]:
 
 
 def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, int], variant: str,
-              dtype: Optional[torch.dtype] = None) -> Optional[KernelSpec]:
-    """The KernelSpec of one config of kernel ``tag`` (fwd / bwd_dq / bwd_dkdv) in a mask variant."""
+              dtype: Optional[torch.dtype] = None, ws: bool = False) -> Optional[KernelSpec]:
+    """The KernelSpec of one config of kernel ``tag`` (fwd / bwd_dq / bwd_dkdv) in a mask variant (``ws``:
+    the warp-specialized dense forward)."""
     bm, bn, w, s = config[:4]
     var = _VARIANTS[variant]
     if var["SPARSE"] and (bm > var["BSQ"] or bn > var["BSK"]):
@@ -1437,13 +1507,17 @@ def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, i
         cx.update(COUNT=False, NEG_SCALE=False, **{n: var.get(n, False) for n in ("KVCACHE", "PACK_GQA")},
                   PAGE=var.get("PAGE", 0))
         cx["TMA"] = cx["TMA"] and not cx["PAGE"]
+        cx["WS"] = ws
     sig = _signature(kernel, dtype, cx)
-    name = f"attn_{tag}[{family},{variant},{str(dtype)[6:]},d{bucket}] BM{bm} BN{bn} BB{cx['BLOCK_B']} w{w} s{s}"
+    name = (f"attn_{tag}[{family},{variant},{str(dtype)[6:]},d{bucket}] BM{bm} BN{bn} BB{cx['BLOCK_B']} w{w} s{s}"
+            + (" ws" if ws else "") + (" swap" if cx.get("SWAP") else ""))
     # nominal MMA FLOPs of one iteration of the interior and of the boundary loop (program tile x step x
     # head dim x matmuls: fwd QK^T + PV; dQ QK^T, dO V^T, dS K; dK/dV all four)
     n_mm = {"fwd": 2, "decode": 2, "bwd_dq": 3, "bwd_dkdv": 4}[tag]
     this, step = (bn, bm) if tag == "bwd_dkdv" else (bm, bn)
     iter_flops = [2 * this * st * bucket * n_mm for st in (step, cx["BLOCK_B"])]
+    if ws:  # one walk (no boundary phase); each of the two consumer warp groups loops over half the rows
+        iter_flops = [iter_flops[0] // 2] * 2
     return KernelSpec(name, kernel, sig, cx, w, s, archs=_FAMILY_ARCHS[family],
                       tags=dict(kernel=tag, family=family, dtype=str(dtype), head_dim=bucket, variant=variant,
                                 iter_flops=iter_flops),
@@ -1464,6 +1538,10 @@ def aot_specs() -> List[KernelSpec]:
                         spec = make_spec(tag, family, bucket, config, variant)
                         if spec is not None:
                             specs.append(spec)
+    for bucket, configs in WS_CONFIGS.items():  # the warp-specialized dense forward
+        for config in configs:
+            for dtype in _FAMILY_DTYPES["sm90"]:
+                specs.append(make_spec("fwd", "sm90", bucket, config, "dense", dtype, ws=True))
     for dim in (64, 128, 256):  # the KV-cache append, at its widest row block
         for page in (0, 64):
             bt, warps = _kv_append_config(dim)

@@ -2,7 +2,7 @@
 
 A *main loop* is the span of a backward branch (``BRA`` to a lower address) whose body holds tensor-core
 instructions (``HGMMA`` = Hopper wgmma, ``HMMA`` = mma.sync); when loops nest, the innermost spans with
-MMAs are kept. For each loop, per iteration and per warp: MMA count and shapes, ``MUFU.EX2``, FP32 ALU,
+MMAs are kept, and of spans that overlap without nesting (a loop with a second back edge) the shortest. For each loop, per iteration and per warp: MMA count and shapes, ``MUFU.EX2``, FP32 ALU,
 selects, integer/address work, loads by kind, barriers; whether every wgmma wait in the loop is at depth 0
 (no MMA in flight while softmax runs); issued MMA FLOPs per CTA and, given the tile's nominal FLOPs, the
 replication factor; and issue-time / MMA-time and MUFU-time / MMA-time under :data:`H100_MODEL`.
@@ -113,7 +113,11 @@ def loops(instrs: List[dict], require_mma: bool = True) -> List[tuple]:
                 if not require_mma or any(category(x["op"]) == "mma" for x in instrs[j:i + 1]):
                     spans.append((j, i))
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
-    return sorted(set(inner))
+    kept = []  # of spans that overlap without nesting (a rotated loop's second back edge), the shortest
+    for s in sorted(set(inner), key=lambda s: (s[1] - s[0], s[0])):
+        if not any(s[0] <= k[1] and k[0] <= s[1] for k in kept):
+            kept.append(s)
+    return sorted(kept)
 
 
 def spills_in_loops(sass: str) -> int:

@@ -128,7 +128,7 @@ def test_descriptor_interior_path_block_sparse(tma_on):
 def swapped(monkeypatch):
     """The interpreter's config with a query step wider than the key tile: dK/dV runs the swapped
     orientation (scores [BM, BN], transposed dK^T / dV^T accumulators), as the sm_90 d128 / d256 tiles do."""
-    monkeypatch.setattr(A, "INTERPRET_CONFIG", (32, 16, 4, 1))
+    monkeypatch.setattr(A, "INTERPRET_CONFIG", (32, 16, 4, 1, 32, True))
 
 
 @pytest.mark.skipif(not interpreter_enabled(), reason="forces an interpreter config")
@@ -163,9 +163,63 @@ def test_swapped_dkdv_sparse_mods_dropout(swapped):
              ref_mods={"softcap": 2.0})
     q, k, v = (torch.randn(1, 2, 40, 32, device=DEVICE, requires_grad=True) for _ in range(3))
     grads = []
-    for cfg in ((32, 16, 4, 1), (32, 32, 4, 1)):
+    for cfg in ((32, 16, 4, 1, 32, True), (32, 32, 4, 1)):
         A.INTERPRET_CONFIG = cfg
         out = tileattn.attention(q, k, v, causal=True, dropout_p=0.3, generator=torch.Generator().manual_seed(1))
         grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def ws_on(monkeypatch):
+    monkeypatch.setattr(A, "WARP_SPECIALIZE", "on")
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="forces the warp-specialized walk under the interpreter")
+@pytest.mark.parametrize("B,Hq,Hkv,Nq,Nk,D,Dv,dtype,scale", [
+    pytest.param(1, 2, 2, 65, 65, 64, 64, torch.float32, None, id="ragged-65"),
+    pytest.param(2, 4, 2, 40, 97, 80, 96, torch.float16, None, id="gqa-d80-dv96-nq<nk"),
+    pytest.param(1, 2, 1, 70, 33, 32, 48, torch.bfloat16, None, id="mqa-nq>nk"),
+    pytest.param(1, 1, 1, 1, 17, 256, 256, torch.float16, -0.0625, id="d256-nq1-negative-scale"),
+    pytest.param(1, 2, 2, 64, 96, 16, 16, torch.float32, None, id="tile-multiples"),
+])
+def test_warp_specialized_walk(ws_on, B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale):
+    """The warp-specialized dense forward's walk (q through a descriptor, one walk over every key tile with
+    the key bound masked, no boundary phase) gives the reference outputs, LSE and gradients."""
+    run_case(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, scale=scale)
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="forces the warp-specialized walk under the interpreter")
+def test_warp_specialized_walk_eligibility(ws_on, monkeypatch):
+    """Only dense forward calls take the warp-specialized walk (causal, window, block-sparse, bias, score
+    mods, packed sequences and KV caches keep the two-phase walk), and split-KV decoding on it still merges
+    its splits right."""
+    import tileattn
+    from tileattn.reference import attention_ref
+
+    seen = []
+    launch = A._launch
+
+    def spy(kernel, table, grid_fn, args, meta, *rest):
+        if A._kernel_name(kernel) == "_attn_fwd":
+            seen.append(meta.get("WS", "off"))
+        return launch(kernel, table, grid_fn, args, meta, *rest)
+
+    monkeypatch.setattr(A, "_launch", spy)
+    q, k, v = (torch.randn(1, 2, n, 32, device=DEVICE) for n in (3, 300, 300))
+    out, lse = A.attention_forward(q, k, v, scale=0.2, num_splits=3)
+    ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), scale=0.2)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=1e-4)
+    assert seen == ["on"]
+    q = torch.randn(1, 2, 40, 32, device=DEVICE)
+    tileattn.attention(q, q, q, causal=True)
+    tileattn.attention(q, q, q, window=(5, 5))
+    tileattn.attention(q, q, q, softcap=3.0)
+    tileattn.attention(q, q, q, block_mask=tileattn.BlockMask.from_layout(
+        torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE), block_size=32, q_len=40, kv_len=40))
+    from tileattn.attention import _attention
+
+    _attention(q, q, q, bias=torch.ones(40, 40, dtype=torch.bool, device=DEVICE))
+    assert seen == ["on"] + ["off"] * 5
