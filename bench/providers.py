@@ -93,6 +93,33 @@ class TileattnSoftmax(Provider):
         return Built(lambda: tileattn.attention(q, k, v, causal=causal), [q, k, v])
 
 
+class TileattnWS(TileattnSoftmax):
+    """``tileattn.attention`` with the warp-specialized dense forward forced (``WARP_SPECIALIZE = "on"``: its
+    tiles only); the backward is the usual one. Dense (non-causal) cases on sm_90 only."""
+    name = "tileattn-ws"
+    ops = ("softmax",)
+
+    def unavailable(self):
+        if not on_cuda() or torch.cuda.get_device_capability()[0] != 9:
+            return "warp specialization is built for sm_90 (Hopper) only"
+        return super().unavailable()
+
+    def skip(self, case):
+        if case.causal:
+            return "the warp-specialized walk covers the dense (non-causal) forward only"
+        return None
+
+    @contextlib.contextmanager
+    def context(self, case):
+        from tileattn.kernels import attention as A
+
+        old, A.WARP_SPECIALIZE = A.WARP_SPECIALIZE, "on"
+        try:
+            yield
+        finally:
+            A.WARP_SPECIALIZE = old
+
+
 class TileattnLightning(Provider):
     name = "tileattn-lightning"
     ops = ("lightning",)
@@ -544,7 +571,7 @@ class LightningAttnPkg(Provider):
 
 # ------------------------------------------------------------------------------------------------ registry
 def all_providers() -> Dict[str, Provider]:
-    ps = [TileattnSoftmax(), TileattnLightning(), SDPA("flash"), SDPA("efficient"), SDPA("cudnn"), SDPA("math"),
+    ps = [TileattnSoftmax(), TileattnWS(), TileattnLightning(), SDPA("flash"), SDPA("efficient"), SDPA("cudnn"), SDPA("math"),
           Flex(), Naive(), FlaSimpleGLA(), LightningAttnPkg()]
     return {p.name: p for p in ps + [TileattnVarlen(), PaddedVarlen("tileattn"), PaddedVarlen("sdpa-flash")]
             + decode_providers()}
@@ -553,7 +580,7 @@ def all_providers() -> Dict[str, Provider]:
 # which providers each sweep runs, and the op each computes there (the lightning sweep compares against
 # causal softmax attention: tileattn and the SDPA flash backend)
 SWEEP_PROVIDERS = {
-    "softmax": [("tileattn", "softmax"), ("sdpa-flash", "softmax"), ("sdpa-efficient", "softmax"),
+    "softmax": [("tileattn", "softmax"), ("tileattn-ws", "softmax"), ("sdpa-flash", "softmax"), ("sdpa-efficient", "softmax"),
                 ("sdpa-cudnn", "softmax"), ("sdpa-math", "softmax"), ("flex", "softmax"), ("naive", "softmax")],
     "sparse": [("tileattn", "sparse"), ("flex", "sparse"), ("sdpa-efficient", "sparse"), ("naive", "sparse"),
                ("tileattn", "softmax"), ("sdpa-flash", "softmax")],

@@ -92,7 +92,7 @@ DQ_CONFIGS = {
 DKDV_CONFIGS = {
     "sm90": {64: [(64, 128, 8, 2, 32)],
              128: [(32, 128, 8, 2, 16), (128, 64, 8, 2, 128, True)],
-             256: [(128, 64, 8, 1, 128, True)]},
+             256: [(128, 64, 8, 1, 128, True), (128, 32, 8, 1, 128, True)]},
     "sm80": {64: [(32, 32, 4, 2), (16, 32, 4, 1)],
              128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
              256: [(16, 16, 4, 1)]},
@@ -112,10 +112,9 @@ DKDV_CONFIGS = {
 # Decoding over a KV cache (the forward's KVCACHE / PAGE / PACK_GQA variants): memory-bound, one warpgroup
 # per 64 packed query rows; sm_90 tiles AOT-checked spill-free in the paged variant, other families reuse
 # the forward's.
-# Block-sparse calls of these (kernel, family, head-dim bucket) run these configs instead: the swapped d256
-# dK/dV tile spills 40 bytes (outside its main loops) in the block-sparse variant, so block-sparse d256
-# backward keeps the small mma.sync tile there.
-SPARSE_CONFIGS = {("_attn_bwd_dkdv", "sm90", 256): [(16, 16, 4, 1)]}
+# Block-sparse calls of these (kernel, family, head-dim bucket) run these configs instead: the 64-key swapped
+# d256 dK/dV tile spills 40 bytes (outside its main loops) in the block-sparse variant.
+SPARSE_CONFIGS = {("_attn_bwd_dkdv", "sm90", 256): [(128, 32, 8, 1, 128, True)]}
 DECODE_CONFIGS = {
     "sm90": {64: [(64, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
              128: [(64, 64, 4, 3), (128, 64, 8, 3)],

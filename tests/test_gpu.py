@@ -295,3 +295,46 @@ def test_dropout_at_scale_and_bitwise():
     o64, _ = reference.attention_ref(q, k, v, causal=True, upcast=True, dropout_mask=keep, dropout_p=0.1)
     olp, _ = reference.attention_ref(q, k, v, causal=True, dropout_mask=keep, dropout_p=0.1)
     assert_close("out", res[0][0], o64, olp, dtype=BF16)
+
+
+# ------------------------------------------------------------------------------------------------ every sm_90 tile
+def _sm90_configs():
+    """(kernel table, family, head-dim bucket, config, WS) of every shipped sm_90 tile: the autotuner runs
+    only the fastest one, so each is forced once here."""
+    from tileattn.kernels import attention as A
+
+    out = []
+    for tname in ("FWD_CONFIGS", "DQ_CONFIGS", "DKDV_CONFIGS"):
+        for family in ("sm90", "mask90", "fp32_90"):
+            for bucket, configs in getattr(A, tname)[family].items():
+                for cfg in configs:
+                    out.append(pytest.param(tname, family, bucket, cfg, False,
+                                            id=f"{tname[:-8].lower()}-{family}-d{bucket}-{'x'.join(map(str, cfg))}"))
+    for bucket, configs in A.WS_CONFIGS.items():
+        for cfg in configs:
+            out.append(pytest.param("FWD_CONFIGS", "sm90", bucket, cfg, True,
+                                    id=f"fwd-ws-d{bucket}-{'x'.join(map(str, cfg))}"))
+    return out
+
+
+@pytest.mark.parametrize("tname,family,bucket,cfg,ws", _sm90_configs())
+def test_every_sm90_tile(monkeypatch, tname, family, bucket, cfg, ws):
+    """Each shipped sm_90 tile (forced alone into its table) against the float64 reference: ragged lengths,
+    GQA, a head dim inside its bucket (80 / 96 pad to 128, 200 to 256), causal except for the dense-only
+    warp-specialized walk; swapped dK/dV tiles, the bias-tensor (mask90) and TF32 (fp32_90) families."""
+    from tileattn.kernels import attention as A
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("sm_90 tiles")
+    monkeypatch.setitem(getattr(A, tname)[family], bucket, [cfg])
+    monkeypatch.setattr(A, "_TUNED", {})
+    D = {64: 64, 128: 96, 256: 200}[bucket]
+    dtype = FP32 if family == "fp32_90" else BF16
+    bias = None
+    if family == "mask90":
+        g = torch.Generator(device=DEVICE).manual_seed(1)
+        bias = torch.rand(1, 4, 777, 1031, device=DEVICE, generator=g) > 0.2
+    if ws:
+        monkeypatch.setattr(A, "WARP_SPECIALIZE", "on")
+    run_case(1, 4, 2, 777, 1031, D, D, dtype, causal=not ws, bias=bias, floor=_floor(dtype))
+    run_case(2, 2, 2, 1100, 1100, D, D, dtype, causal=False, floor=_floor(dtype))

@@ -149,8 +149,8 @@ def test_sass_loop_study_parses_a_listing():
 
 
 D128 = {  # shipped sm_90 bf16/fp16 d128 configs: (report filter, kernel)
-    "fwd-dense": "attn_fwd[sm90,dense,float16,d128] BM128 BN128",
-    "fwd-causal": "attn_fwd[sm90,causal,float16,d128] BM128 BN128",
+    "fwd-dense": "attn_fwd[sm90,dense,float16,d128] BM128 BN128 BB64 w8",
+    "fwd-causal": "attn_fwd[sm90,causal,float16,d128] BM128 BN128 BB64 w8",
     "dq-causal": "attn_bwd_dq[sm90,causal,float16,d128] BM128 BN64",
     "dkdv-causal": "attn_bwd_dkdv[sm90,causal,float16,d128] BM32 BN128",
 }
@@ -180,6 +180,23 @@ def test_sass_report_sm90_d128():
     assert abs(dense["instructions"] - causal["instructions"]) <= 0.03 * dense["instructions"]
     for k in ("dq-causal", "dkdv-causal"):
         assert rows[k]["loops"][0]["issue_over_mma"] <= 0.75, (k, rows[k]["loops"][0])
+
+
+def test_sass_report_sm90_backward_tiles():
+    """Every shipped 16-bit sm_90 dQ and dK/dV tile (plain and bias-tensor families, causal / bias variant,
+    swapped dK/dV tiles included) runs its main loops on wgmma with issued MMA FLOPs equal to the tile's
+    nominal FLOPs; the plain family's interior loops issue <= 0.75 of their MMA time (predictions)."""
+    rc, doc = _report("--sass", "--module", "attention", "--filter", "bwd_dq[sm90,causal",
+                      "--filter", "bwd_dkdv[sm90,causal", "--filter", "bwd_dq[mask90", "--filter", "bwd_dkdv[mask90")
+    rows = doc["rows"]
+    assert len(rows) >= 10, [r["name"] for r in rows]
+    for r in rows:
+        assert r["error"] is None and not r["spills"], r["name"]
+        assert r["loops"], r["name"]
+        for lp in r["loops"]:
+            assert lp["tensor_cores"] == "wgmma" and abs(lp["replication"] - 1.0) < 1e-9, (r["name"], lp)
+        if "[sm90," in r["name"]:
+            assert r["loops"][0]["issue_over_mma"] <= 0.75, (r["name"], r["loops"][0])
 
 
 _SCAN_STUDY = r"""
