@@ -105,8 +105,14 @@ class TileattnWS(TileattnSoftmax):
         return super().unavailable()
 
     def skip(self, case):
+        from tileattn.kernels import attention as A
+
         if case.causal:
             return "the warp-specialized walk covers the dense (non-causal) forward only"
+        if case.torch_dtype not in (torch.bfloat16, torch.float16):
+            return "warp specialization: 16-bit inputs only"
+        if max(case.D, case.dv) > max(A.WS_CONFIGS):
+            return f"warp specialization: head dims up to {max(A.WS_CONFIGS)} only"
         return None
 
     @contextlib.contextmanager

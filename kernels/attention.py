@@ -115,6 +115,9 @@ DKDV_CONFIGS = {
 # Block-sparse calls of these (kernel, family, head-dim bucket) run these configs instead: the 64-key swapped
 # d256 dK/dV tile spills 40 bytes (outside its main loops) in the block-sparse variant.
 SPARSE_CONFIGS = {("_attn_bwd_dkdv", "sm90", 256): [(128, 32, 8, 1, 128, True)]}
+# Block-sparse blocks narrower than every tile of an sm_90 family run the (smaller) tiles of this family
+# instead of shrunk wide tiles (a shrunk 8-warp tile replicates its MMAs and may spill).
+SMALL_BLOCK_FAMILY = {"sm90": "sm80", "mask90": "mask", "fp32_90": "fp32"}
 DECODE_CONFIGS = {
     "sm90": {64: [(64, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
              128: [(64, 64, 4, 3), (128, 64, 8, 3)],
@@ -967,12 +970,15 @@ def _kernel_name(kernel) -> str:
     return kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__
 
 
-def _prune(kernel_name: str, configs, bsq: int, bsk: int):
-    """Configs whose tiles fit inside the block-sparse block sizes (BSQ / BSK); the last one shrunk if none
-    does. Applied before the autotuner is built: Triton never prunes a single-config list."""
+def _prune(kernel_name: str, configs, bsq: int, bsk: int, small=None):
+    """Configs whose tiles fit inside the block-sparse block sizes (BSQ / BSK); if none does, those of
+    ``small`` (the family's small-block fallback list) that fit, else the last one shrunk. Applied before the
+    autotuner is built: Triton never prunes a single-config list."""
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bsq and c.kwargs["BLOCK_N"] <= bsk]
     if kept:
         return kept
+    if small is not None:
+        return _prune(kernel_name, small, bsq, bsk)
     c = configs[-1]
     return [triton.Config(_tiles(kernel_name, min(c.kwargs["BLOCK_M"], bsq), min(c.kwargs["BLOCK_N"], bsk),
                                  c.kwargs["BLOCK_B"], c.kwargs.get("SWAP", False)),
@@ -1021,10 +1027,9 @@ def _ws_ok(tensors, family: Optional[str]) -> bool:
     q, k and v, and a Triton whose ``tl.range`` takes ``warp_specialize``."""
     if WARP_SPECIALIZE == "on" and interpreter_enabled():
         return True
-    import inspect
-
-    return ("warp_specialize" in inspect.signature(tl.range.__init__).parameters and family == "sm90"
-            and _tma_ok(tensors, family))
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    # Hopper's automatic warp specialization is complete from Triton 3.5 (3.4 has the keyword, with crashes)
+    return (major, minor) >= (3, 5) and family == "sm90" and _tma_ok(tensors, family)
 
 
 def _ensure_allocator() -> None:
@@ -1068,7 +1073,10 @@ def configs_for(kernel_name: str, table, family: str, bucket: int, bsq: int = 1 
         entries = SPARSE_CONFIGS.get((kernel_name, family, bucket), entries)
     configs = [triton.Config(_tiles(kernel_name, *c[:2], *c[4:]), num_warps=c[2], num_stages=c[3])
                for c in entries]
-    return _prune(kernel_name, configs, bsq, bsk)
+    small = None
+    if family in SMALL_BLOCK_FAMILY:  # blocks narrower than the sm_90 tiles: the smaller tiles of that family
+        small = configs_for(kernel_name, table, SMALL_BLOCK_FAMILY[family], bucket)
+    return _prune(kernel_name, configs, bsq, bsk, small)
 
 
 def _tuned(kernel, table, family: str, bucket: int, bsq: int, bsk: int, ws: str = "off"):
@@ -1286,8 +1294,8 @@ def attention_forward(q, k, v, *, scale: float, left: int = -1, right: int = -1,
     if _modded(meta):
         meta["TMA"] = False
     if (WARP_SPECIALIZE != "off" and not (windowed or sparse is not None or bias_mode or _modded(meta) or count_visits
-                                          or varlen is not None or kvcache is not None)
-            and _ws_ok((q, k, v), _call_family(q, bias_mode))):
+                                          or varlen is not None or kvcache is not None or scale == 0)
+            and _ws_ok((q, k, v), _call_family(q, bias_mode))):  # (scale 0: the masked -inf keys times 0)
         meta.update(TMA=True, WS=WARP_SPECIALIZE)
     n_q = (lambda bm: triton.cdiv(rows, bm)) if slots is None else (lambda bm: slots(Nq, bm))
     _launch(_attn_fwd, FWD_CONFIGS if kvcache is None else DECODE_CONFIGS,
@@ -1435,6 +1443,9 @@ _VARIANTS = {
     "dense": dict(WINDOWED=False, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30),
     "causal": dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30),
     "sparse": dict(WINDOWED=False, SPARSE=True, BIAS=0, BSQ=128, BSK=128),
+    # blocks narrower than the sm_90 tiles (the SMALL_BLOCK_FAMILY fallbacks), with a bias for mask90
+    **{f"sparse{bs}": dict(WINDOWED=False, SPARSE=True, BIAS=0, BSQ=bs, BSK=bs) for bs in (32, 64)},
+    **{f"sparse{bs}-bias": dict(WINDOWED=False, SPARSE=True, BIAS=2, BSQ=bs, BSK=bs) for bs in (32, 64)},
     "bias": dict(WINDOWED=True, SPARSE=False, BIAS=2, BSQ=1 << 30, BSK=1 << 30),
     "varlen": dict(WINDOWED=True, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30, VARLEN=True),
     # decoding over a paged KV cache (forward only): GQA-packed query tiles, per-sequence lengths, pages of 128
@@ -1552,4 +1563,25 @@ def aot_specs() -> List[KernelSpec]:
             specs.append(KernelSpec(f"kv_append[d{dim},{'paged' if page else 'contiguous'}] BT{bt} w{warps}",
                                     _kv_append, sig, cx, warps, 1, archs=(80, 90), tags=dict(kernel="kv_append", head_dim=dim),
                                     divisible_16=tuple(n for n in sig if sig[n].startswith("*"))))
+    return specs
+
+
+def small_block_specs() -> List[KernelSpec]:
+    """The tiles block-sparse calls with 32 / 64-wide blocks run on sm_90 (the SMALL_BLOCK_FAMILY fallbacks,
+    bf16 / fp32) in their block-sparse variant: not in aot_specs (a few spill a little outside their main
+    loops); tests/test_kernel_report.py checks they compile with no spill inside a main loop."""
+    specs = []
+    for family in SMALL_BLOCK_FAMILY:  # block-sparse blocks narrower than the sm_90 tiles (bf16, sm_90)
+        for tag in ("fwd", "bwd_dq", "bwd_dkdv"):
+            table = {"fwd": FWD_CONFIGS, "bwd_dq": DQ_CONFIGS, "bwd_dkdv": DKDV_CONFIGS}[tag]
+            name = _kernel_name(_KERNELS[tag])
+            for bucket in table[family]:
+                for bs in (32, 64):
+                    variant = f"sparse{bs}" + ("-bias" if family == "mask90" else "")
+                    for c in configs_for(name, table, family, bucket, bs, bs):
+                        k = c.kwargs
+                        config = (k["BLOCK_M"], k["BLOCK_N"], c.num_warps, c.num_stages, k["BLOCK_B"],
+                                  k.get("SWAP", False))
+                        specs.append(make_spec(tag, family, bucket, config, variant, torch.bfloat16
+                                               if family != "fp32_90" else torch.float32))
     return specs

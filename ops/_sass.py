@@ -97,9 +97,10 @@ def _mma_flops(op: str) -> Optional[tuple]:
     return None
 
 
-def loops(instrs: List[dict], require_mma: bool = True) -> List[tuple]:
+def loops(instrs: List[dict], require_mma: bool = True, overlapping: bool = False) -> List[tuple]:
     """(first, last) instruction index of every innermost loop whose body holds an MMA (any loop with
-    ``require_mma=False``), in address order."""
+    ``require_mma=False``), in address order; ``overlapping``: also the longer of spans that overlap without
+    nesting (for spill counting: every instruction that may run each iteration)."""
     index = {ins["addr"]: i for i, ins in enumerate(instrs)}
     spans = []
     for i, ins in enumerate(instrs):
@@ -113,6 +114,8 @@ def loops(instrs: List[dict], require_mma: bool = True) -> List[tuple]:
                 if not require_mma or any(category(x["op"]) == "mma" for x in instrs[j:i + 1]):
                     spans.append((j, i))
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    if overlapping:
+        return sorted(set(inner))
     kept = []  # of spans that overlap without nesting (a rotated loop's second back edge), the shortest
     for s in sorted(set(inner), key=lambda s: (s[1] - s[0], s[0])):
         if not any(s[0] <= k[1] and k[0] <= s[1] for k in kept):
@@ -124,7 +127,7 @@ def spills_in_loops(sass: str) -> int:
     """Number of local-memory (spill) loads / stores inside a main loop: the spills that cost every
     iteration (spills outside the loops run once per program or per outer step)."""
     instrs = parse(sass)
-    spans = loops(instrs)
+    spans = loops(instrs, overlapping=True)
     return sum(1 for i, x in enumerate(instrs) if x["op"].startswith(("STL", "LDL"))
                and any(a <= i <= b for a, b in spans))
 

@@ -1,9 +1,9 @@
 """Sweep candidate tile configs of the softmax-attention kernels through AOT compilation (no GPU) and
-print, per family (sm90 / sm80 16-bit, fp32) and head-dim bucket, the ones that compile with zero
-spills and within shared memory in every mask variant. Used to build the config tables in
+print, per family (16-bit sm90 / sm80, bias-tensor mask90 / mask, fp32_90 / fp32) and head-dim bucket,
+the ones that compile with zero spills and within shared memory in every mask variant. Used to build the config tables in
 ``kernels/attention.py``; timing-based choice among the survivors needs a GPU (autotune does it).
 
-    python scripts/config_sweep.py [--kernels fwd,bwd_dq,bwd_dkdv] [--families sm90,sm80,fp32] [--jobs 2]
+    python scripts/config_sweep.py [--kernels fwd,bwd_dq,bwd_dkdv] [--families sm90,mask90] [--jobs 2]
 """
 import argparse
 import os
@@ -19,6 +19,10 @@ CANDIDATES = {
             (32, 32, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1)],
 }
 SMALL_CANDIDATES = [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)]
+# dK/dV tiles in the swapped orientation (BLOCK_M, BLOCK_N, warps, stages, BLOCK_B, SWAP): the query step is
+# the M of S / dP (64 rows per warpgroup), the head dim the M of the transposed accumulators
+SWAPPED_CANDIDATES = [(128, 64, 8, 2, 128, True), (128, 64, 8, 1, 128, True), (128, 32, 8, 1, 128, True),
+                      (64, 32, 4, 1, 64, True), (64, 16, 4, 1, 64, True)]
 
 
 def _job(args):
@@ -45,8 +49,10 @@ def main(argv=None) -> int:
     for tag in a.kernels.split(","):
         for family in a.families.split(","):
             for bucket in map(int, a.buckets.split(",")):
-                cands = (SMALL_CANDIDATES if family in ("fp32", "mask", "fp32_90", "mask90")
+                cands = (SMALL_CANDIDATES if family in ("fp32", "mask")
                          else CANDIDATES["fwd" if tag == "fwd" else "bwd"])
+                if tag == "bwd_dkdv" and family.endswith("90"):
+                    cands = cands + SWAPPED_CANDIDATES
                 for config in cands:
                     for variant in _FAMILY_VARIANTS[family]:
                         for arch in _FAMILY_ARCHS[family]:

@@ -334,7 +334,24 @@ def test_every_sm90_tile(monkeypatch, tname, family, bucket, cfg, ws):
     if family == "mask90":
         g = torch.Generator(device=DEVICE).manual_seed(1)
         bias = torch.rand(1, 4, 777, 1031, device=DEVICE, generator=g) > 0.2
+    seen = []
     if ws:
         monkeypatch.setattr(A, "WARP_SPECIALIZE", "on")
+        launch = A._launch
+
+        def spy(kernel, table, grid_fn, args, meta, *rest):
+            seen.append(meta.get("WS", "off"))
+            return launch(kernel, table, grid_fn, args, meta, *rest)
+
+        monkeypatch.setattr(A, "_launch", spy)
     run_case(1, 4, 2, 777, 1031, D, D, dtype, causal=not ws, bias=bias, floor=_floor(dtype))
     run_case(2, 2, 2, 1100, 1100, D, D, dtype, causal=False, floor=_floor(dtype))
+    if ws:
+        assert "on" in seen, "the warp-specialized walk did not run"
+
+
+@pytest.mark.parametrize("D,dtype", [(128, BF16), (256, FP16), (64, FP32)], ids=["d128-bf16", "d256-fp16", "d64-fp32"])
+@pytest.mark.parametrize("bs", [32, 64])
+def test_block_sparse_small_blocks(bs, D, dtype):
+    """Block-sparse blocks narrower than the sm_90 tiles (the small-block fallback tiles)."""
+    run_case(1, 2, 2, 1000, 1000, D, D, dtype, block_mask=_layout_mask(1000, bs, 0.3), floor=_floor(dtype))

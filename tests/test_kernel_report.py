@@ -199,6 +199,31 @@ def test_sass_report_sm90_backward_tiles():
             assert r["loops"][0]["issue_over_mma"] <= 0.75, (r["name"], r["loops"][0])
 
 
+_SMALL_BLOCKS = r"""
+import json
+from tileattn import _aot
+from tileattn.kernels import attention as A
+rows = []
+for spec in A.small_block_specs():
+    r = _aot.compile_spec(spec, 90)
+    rows.append(dict(name=spec.name, error=r["error"], smem_over=r["smem_over"],
+                     in_loops=r.get("spill_instr_in_loops", 0) if r["spills"] else 0))
+print(json.dumps(rows))
+"""
+
+
+def test_small_block_fallback_tiles():
+    """Block-sparse calls whose blocks are narrower than the sm_90 tiles run the smaller fallback tiles: each
+    compiles for sm_90 within shared memory and without a spill inside a main loop."""
+    res = subprocess.run([sys.executable, "-c", _SMALL_BLOCKS], env=_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(rows) >= 30
+    for r in rows:
+        assert r["error"] is None and not r["smem_over"] and r["in_loops"] == 0, r
+
+
 _SCAN_STUDY = r"""
 import collections, json, sys, tempfile, warnings
 import triton
