@@ -577,8 +577,8 @@ class LightningAttnPkg(Provider):
 
 # ------------------------------------------------------------------------------------------------ registry
 def all_providers() -> Dict[str, Provider]:
-    ps = [TileattnSoftmax(), TileattnWS(), TileattnLightning(), SDPA("flash"), SDPA("efficient"), SDPA("cudnn"), SDPA("math"),
-          Flex(), Naive(), FlaSimpleGLA(), LightningAttnPkg()]
+    ps = [TileattnSoftmax(), TileattnWS(), TileattnLightning(), SDPA("flash"), SDPA("efficient"), SDPA("cudnn"),
+          SDPA("math"), Flex(), Naive(), FlaSimpleGLA(), LightningAttnPkg()]
     return {p.name: p for p in ps + [TileattnVarlen(), PaddedVarlen("tileattn"), PaddedVarlen("sdpa-flash")]
             + decode_providers()}
 
@@ -586,8 +586,9 @@ def all_providers() -> Dict[str, Provider]:
 # which providers each sweep runs, and the op each computes there (the lightning sweep compares against
 # causal softmax attention: tileattn and the SDPA flash backend)
 SWEEP_PROVIDERS = {
-    "softmax": [("tileattn", "softmax"), ("tileattn-ws", "softmax"), ("sdpa-flash", "softmax"), ("sdpa-efficient", "softmax"),
-                ("sdpa-cudnn", "softmax"), ("sdpa-math", "softmax"), ("flex", "softmax"), ("naive", "softmax")],
+    "softmax": [("tileattn", "softmax"), ("tileattn-ws", "softmax"), ("sdpa-flash", "softmax"),
+                ("sdpa-efficient", "softmax"), ("sdpa-cudnn", "softmax"), ("sdpa-math", "softmax"), ("flex", "softmax"),
+                ("naive", "softmax")],
     "sparse": [("tileattn", "sparse"), ("flex", "sparse"), ("sdpa-efficient", "sparse"), ("naive", "sparse"),
                ("tileattn", "softmax"), ("sdpa-flash", "softmax")],
     "lightning": [("tileattn-lightning", "lightning"), ("fla-simple-gla", "lightning"),

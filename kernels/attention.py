@@ -1022,14 +1022,16 @@ if WARP_SPECIALIZE not in ("off", "auto", "on"):
 WS_CONFIGS = {64: [(128, 128, 4, 2)], 128: [(128, 128, 4, 2)]}
 
 
+# Hopper's automatic warp specialization is complete from Triton 3.5 (3.4 has the keyword, with crashes)
+_WS_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 5)
+
+
 def _ws_ok(tensors, family: Optional[str]) -> bool:
     """Whether a dense forward call may run the warp-specialized walk (see WARP_SPECIALIZE): descriptors for
-    q, k and v, and a Triton whose ``tl.range`` takes ``warp_specialize``."""
+    q, k and v, on sm_90, with Triton >= 3.5."""
     if WARP_SPECIALIZE == "on" and interpreter_enabled():
         return True
-    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-    # Hopper's automatic warp specialization is complete from Triton 3.5 (3.4 has the keyword, with crashes)
-    return (major, minor) >= (3, 5) and family == "sm90" and _tma_ok(tensors, family)
+    return _WS_TRITON and family == "sm90" and _tma_ok(tensors, family)
 
 
 def _ensure_allocator() -> None:
@@ -1438,6 +1440,7 @@ def _kv_append_config(block_d: int) -> Tuple[int, int]:
 _INT_PTRS = ("KV_NUM_F", "KV_IDX_F", "KV_NUM_P", "KV_IDX_P", "KV_MID_P",
              "Q_NUM_F", "Q_IDX_F", "Q_NUM_P", "Q_IDX_P", "Q_MID_P", "VISITS", "CU_Q", "CU_K", "SEQLENS", "TBL")
 _KERNELS = {"fwd": _attn_fwd, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv, "decode": _attn_fwd}
+_TABLES = {"fwd": FWD_CONFIGS, "bwd_dq": DQ_CONFIGS, "bwd_dkdv": DKDV_CONFIGS, "decode": DECODE_CONFIGS}
 # Mask variants a config must compile spill-free in (the heaviest ones), per config family.
 _VARIANTS = {
     "dense": dict(WINDOWED=False, SPARSE=False, BIAS=0, BSQ=1 << 30, BSK=1 << 30),
@@ -1537,12 +1540,11 @@ def make_spec(tag: str, family: str, bucket: int, config: Tuple[int, int, int, i
 def aot_specs() -> List[KernelSpec]:
     """Every shipped config of the three kernels, per family and head-dim bucket, in every mask variant."""
     specs = []
-    for tag in _KERNELS:
-        table = {"fwd": FWD_CONFIGS, "decode": DECODE_CONFIGS, "bwd_dq": DQ_CONFIGS, "bwd_dkdv": DKDV_CONFIGS}[tag]
+    for tag, table in _TABLES.items():
+        name = _kernel_name(_KERNELS[tag])
         for family, buckets in table.items():
             for bucket, configs in buckets.items():
                 for variant in _FAMILY_VARIANTS[family]:
-                    name = _kernel_name(_KERNELS[tag])
                     for config in (SPARSE_CONFIGS.get((name, family, bucket), configs) if variant == "sparse"
                                    else configs):
                         spec = make_spec(tag, family, bucket, config, variant)
@@ -1573,8 +1575,7 @@ def small_block_specs() -> List[KernelSpec]:
     specs = []
     for family in SMALL_BLOCK_FAMILY:  # block-sparse blocks narrower than the sm_90 tiles (bf16, sm_90)
         for tag in ("fwd", "bwd_dq", "bwd_dkdv"):
-            table = {"fwd": FWD_CONFIGS, "bwd_dq": DQ_CONFIGS, "bwd_dkdv": DKDV_CONFIGS}[tag]
-            name = _kernel_name(_KERNELS[tag])
+            table, name = _TABLES[tag], _kernel_name(_KERNELS[tag])
             for bucket in table[family]:
                 for bs in (32, 64):
                     variant = f"sparse{bs}" + ("-bias" if family == "mask90" else "")

@@ -2,8 +2,8 @@
 
 A *main loop* is the span of a backward branch (``BRA`` to a lower address) whose body holds tensor-core
 instructions (``HGMMA`` = Hopper wgmma, ``HMMA`` = mma.sync); when loops nest, the innermost spans with
-MMAs are kept, and of spans that overlap without nesting (a loop with a second back edge) the shortest. For each loop, per iteration and per warp: MMA count and shapes, ``MUFU.EX2``, FP32 ALU,
-selects, integer/address work, loads by kind, barriers; whether every wgmma wait in the loop is at depth 0
+MMAs are kept, and of spans that overlap without nesting (a loop with a second back edge) the shortest.
+For each loop, per iteration and per warp: MMA count and shapes, ``MUFU.EX2``, FP32 ALU, selects, integer/address work, loads by kind, barriers; whether every wgmma wait in the loop is at depth 0
 (no MMA in flight while softmax runs); issued MMA FLOPs per CTA and, given the tile's nominal FLOPs, the
 replication factor; and issue-time / MMA-time and MUFU-time / MMA-time under :data:`H100_MODEL`.
 

@@ -129,3 +129,19 @@ def run_case(B, Hq, Hkv, Nq, Nk, D, Dv, dtype, *, causal=False, window=None, lay
         else:
             assert_close(name, ours.grad, r64.grad, rlp.grad, dtype=dtype, floor=floor)
     return out, lse
+
+
+def spy_ws(monkeypatch) -> list:
+    """Record, per forward kernel launch, whether it took the warp-specialized walk (``meta["WS"]``: "off",
+    "auto" or "on"); returns the list the launches append to."""
+    from tileattn.kernels import attention as A
+
+    seen, launch = [], A._launch
+
+    def spy(kernel, table, grid_fn, args, meta, *rest):
+        if A._kernel_name(kernel) == "_attn_fwd":
+            seen.append(meta.get("WS", "off"))
+        return launch(kernel, table, grid_fn, args, meta, *rest)
+
+    monkeypatch.setattr(A, "_launch", spy)
+    return seen

@@ -12,7 +12,7 @@ import torch
 
 import tileattn
 from tileattn import masks, reference
-from helpers import DEVICE, TF32_FLOOR, assert_close, randn, run_case
+from helpers import DEVICE, TF32_FLOOR, assert_close, randn, run_case, spy_ws
 from test_lightning import check_against_reference
 from test_kvcache import run_case as kvcache_case
 from test_varlen import check_against_reference as varlen_check, cu
@@ -334,16 +334,9 @@ def test_every_sm90_tile(monkeypatch, tname, family, bucket, cfg, ws):
     if family == "mask90":
         g = torch.Generator(device=DEVICE).manual_seed(1)
         bias = torch.rand(1, 4, 777, 1031, device=DEVICE, generator=g) > 0.2
-    seen = []
+    seen = spy_ws(monkeypatch)
     if ws:
         monkeypatch.setattr(A, "WARP_SPECIALIZE", "on")
-        launch = A._launch
-
-        def spy(kernel, table, grid_fn, args, meta, *rest):
-            seen.append(meta.get("WS", "off"))
-            return launch(kernel, table, grid_fn, args, meta, *rest)
-
-        monkeypatch.setattr(A, "_launch", spy)
     run_case(1, 4, 2, 777, 1031, D, D, dtype, causal=not ws, bias=bias, floor=_floor(dtype))
     run_case(2, 2, 2, 1100, 1100, D, D, dtype, causal=False, floor=_floor(dtype))
     if ws:

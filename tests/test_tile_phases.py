@@ -6,7 +6,7 @@ import torch
 from tileattn.kernels import attention as A
 from tileattn.kernels.utils import interpreter_enabled
 from tileattn.reference import visible_mask
-from helpers import DEVICE, run_case
+from helpers import DEVICE, run_case, spy_ws
 
 
 def _expected_phases(nq, nk, bm, bn, left, right):
@@ -198,15 +198,7 @@ def test_warp_specialized_walk_eligibility(ws_on, monkeypatch):
     import tileattn
     from tileattn.reference import attention_ref
 
-    seen = []
-    launch = A._launch
-
-    def spy(kernel, table, grid_fn, args, meta, *rest):
-        if A._kernel_name(kernel) == "_attn_fwd":
-            seen.append(meta.get("WS", "off"))
-        return launch(kernel, table, grid_fn, args, meta, *rest)
-
-    monkeypatch.setattr(A, "_launch", spy)
+    seen = spy_ws(monkeypatch)
     q, k, v = (torch.randn(1, 2, n, 32, device=DEVICE) for n in (3, 300, 300))
     out, lse = A.attention_forward(q, k, v, scale=0.2, num_splits=3)
     ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), scale=0.2)
